@@ -1,0 +1,124 @@
+"""Inference backends behind one small interface: `backend(images) -> first output`.
+
+Every backend is scored by the same validator (yoloquant.validator), so a float ONNX model, its
+Paddle conversion and the INT8 artifacts are compared under one protocol.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Protocol
+
+import numpy as np
+
+from .errors import ModelError
+
+log = logging.getLogger("yoloquant")
+
+# Paddle Inference's oneDNN int8 pass quantizes every op it can unless told otherwise; on YOLO
+# heads that destroys the box/score concat (measured: mAP 0.000), so int8 runs are limited to convs.
+INT8_OP_TYPES = ("conv2d", "depthwise_conv2d")
+
+
+def default_threads() -> int:
+    return int(os.environ.get("YOLOQUANT_THREADS", os.cpu_count() or 1))
+
+
+class Backend(Protocol):
+    name: str  # e.g. "onnxruntime", "paddle-inference(onednn-int8)"
+    input_shape: tuple
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+class OnnxRuntimeBackend:
+    """Runs an .onnx file with ONNX Runtime on the CPU."""
+
+    def __init__(self, onnx_path: str | Path, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        path = Path(onnx_path)
+        if not path.is_file():
+            raise ModelError(f"ONNX model not found: {path}")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises several private exception types for bad files
+            raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = tuple(inp.shape)
+        self.output_name = self.session.get_outputs()[0].name
+        self.name = "onnxruntime"
+        self.path = path
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: images})[0]
+
+
+@dataclass(frozen=True)
+class PaddleModelFiles:
+    model_file: Path
+    params_file: Path
+
+    @classmethod
+    def find(cls, model_dir: str | Path) -> "PaddleModelFiles":
+        """The .pdmodel/.pdiparams pair in a Paddle inference model folder."""
+        d = Path(model_dir)
+        models = sorted(d.glob("*.pdmodel"))
+        if len(models) != 1:
+            raise ModelError(f"{d} must hold exactly one .pdmodel file (found {len(models)}); "
+                             f"pass a Paddle inference model folder or an .onnx file")
+        params = models[0].with_suffix(".pdiparams")
+        if not params.is_file():
+            raise ModelError(f"{params} is missing beside {models[0]}")
+        return cls(models[0], params)
+
+
+class PaddleInferenceBackend:
+    """Paddle Inference on the CPU: float (oneDNN) or real int8 (oneDNN int8 on the conv ops)."""
+
+    def __init__(self, files: PaddleModelFiles, int8: bool = False, mkldnn: bool = True,
+                 threads: Optional[int] = None):
+        from paddle import inference
+
+        config = inference.Config(str(files.model_file), str(files.params_file))
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(threads or default_threads())
+        config.disable_glog_info()
+        config.switch_ir_optim(True)
+        if mkldnn or int8:
+            config.enable_mkldnn()
+        if int8:
+            config.enable_mkldnn_int8(set(INT8_OP_TYPES))
+        try:
+            self.predictor = inference.create_predictor(config)
+        except Exception as exc:  # paddle raises its own enforce errors for unreadable programs
+            raise ModelError(f"Paddle Inference cannot load {files.model_file}: {exc}") from exc
+        self.input_name = self.predictor.get_input_names()[0]
+        self.input_handle = self.predictor.get_input_handle(self.input_name)
+        self.output_handle = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
+        self.input_shape = tuple(self.input_handle.shape())
+        kind = "onednn-int8" if int8 else ("onednn-fp32" if mkldnn else "fp32")
+        self.name = f"paddle-inference({kind})"
+        self.files = files
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.input_handle.reshape(list(images.shape))
+        self.input_handle.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
+        self.predictor.run()
+        return self.output_handle.copy_to_cpu()
+
+
+def open_backend(path: str | Path, int8: bool = False, threads: Optional[int] = None) -> Backend:
+    """An .onnx file runs on ONNX Runtime; a folder with a .pdmodel runs on Paddle Inference."""
+    p = Path(path)
+    if p.suffix == ".onnx" or p.is_file():
+        return OnnxRuntimeBackend(p, threads=threads)
+    if p.is_dir():
+        return PaddleInferenceBackend(PaddleModelFiles.find(p), int8=int8, threads=threads)
+    raise ModelError(f"model not found: {p} (give an .onnx file or a Paddle inference model folder)")
