@@ -1,0 +1,39 @@
+"""Evaluate a float or quantized YOLO model on COCO (mAP@0.5:0.95 and mAP@0.5).
+
+  python eval.py --config_path configs/yolov5n_coco_mini.yaml                 # float ONNX, ONNX Runtime
+  python eval.py --config_path ... --runtime paddle                           # its Paddle conversion
+  python eval.py --config_path ... --model out/                               # a post_quant.py output
+"""
+import argparse
+
+from yoloquant.cli import add_common_flags, run_main
+from yoloquant.evaluate import RUNTIMES, evaluate_command
+
+
+def main(args: argparse.Namespace) -> int:
+    evaluate_command(args.config_path, model=args.model, runtime=args.runtime,
+                     batch_size=args.batch_size, json_out=args.json, device=args.devices,
+                     max_images=args.max_images)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(parser)
+    parser.add_argument("--model", default=None,
+                        help="an .onnx file or a Paddle inference model folder "
+                             "(default: the config's model_dir)")
+    parser.add_argument("--runtime", default=None, choices=RUNTIMES,
+                        help="for the config's ONNX model: onnxruntime (default), paddle (the "
+                             "X2Paddle conversion on Paddle Inference) or both")
+    parser.add_argument("--batch_size", type=int, default=1, help="images per inference call")
+    parser.add_argument("--max_images", type=int, default=None,
+                        help="evaluate the first N images only")
+    parser.add_argument("--json", default=None, metavar="OUT",
+                        help="write {map50_95, map50, images, runtime, seconds} to OUT")
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main, build_parser())

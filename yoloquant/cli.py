@@ -1,0 +1,47 @@
+"""Shared pieces of the entry scripts: logging, device flag, error reporting."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from .errors import YoloQuantError
+
+log = logging.getLogger("yoloquant")
+DEVICES = ("cpu", "gpu")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+
+
+def add_common_flags(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
+    parser.add_argument("--config_path", required=config_required,
+                        help="YAML config (see configs/ and the README's key reference)")
+    parser.add_argument("--devices", default="cpu", choices=DEVICES,
+                        help="device to run Paddle on (default: cpu)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def check_device(device: str) -> None:
+    """Refuse a GPU request on a CPU-only Paddle build instead of silently running on CPU."""
+    if device == "gpu":
+        import paddle
+
+        if not paddle.device.is_compiled_with_cuda():
+            raise YoloQuantError("--devices gpu needs the GPU build of Paddle: "
+                                 "pip install paddlepaddle-gpu==2.6.2 (or use --devices cpu)")
+
+
+def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> None:
+    """Parse flags, run, and turn user errors into one clear line and exit code 2."""
+    args = parser.parse_args()
+    setup_logging(getattr(args, "verbose", False))
+    try:
+        code = main(args)
+    except YoloQuantError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

@@ -1,0 +1,87 @@
+"""The `eval.py` command: evaluate an ONNX model or a Paddle model folder on the config's data."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+from .config import Config, load_config, require
+from .errors import ConfigError
+from .fileio import write_json
+from .runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles, open_backend
+from .validator import Decoder, EvalResult, evaluate, postprocess_settings, preprocess_for, val_dataset
+
+log = logging.getLogger("yoloquant")
+RUNTIMES = ("onnxruntime", "paddle", "both")
+
+
+def convert_for(cfg: Config, dataset=None):
+    """The config's ONNX model converted to Paddle (cached), verified on one real image."""
+    from .convert import convert_onnx_to_paddle
+
+    require(cfg, "model_dir")
+    verify_image = None
+    if dataset is not None and len(dataset):
+        verify_image = str(Path(dataset.image_dir) / dataset.file_names[0])
+    return convert_onnx_to_paddle(cfg.model_dir, cache_dir=cfg.cache_dir, verify_image=verify_image,
+                                  tolerance=cfg.verify_tolerance)
+
+
+def evaluate_backend(cfg: Config, backend, max_images: Optional[int] = None, batch_size: int = 1,
+                     anno_path: Optional[str] = None) -> EvalResult:
+    preprocess = preprocess_for(cfg, backend.input_shape)
+    dataset = val_dataset(cfg, preprocess, anno_path=anno_path, max_images=max_images)
+    decoder = Decoder(cfg.output_layout, preprocess.input_size, postprocess_settings(cfg))
+    result = evaluate(backend, dataset, decoder, batch_size=batch_size, workers=cfg.workers,
+                      desc=f"eval {backend.name}")
+    return result
+
+
+def format_table(rows: list[EvalResult]) -> str:
+    lines = [f"{'model':<40} {'runtime':<28} {'images':>6} {'mAP50-95':>9} {'mAP50':>7} {'sec':>7}"]
+    for r in rows:
+        name = r.model if len(r.model) <= 40 else "..." + r.model[-37:]
+        lines.append(f"{name:<40} {r.runtime:<28} {r.images:>6} {r.map50_95:>9.4f} "
+                     f"{r.map50:>7.4f} {r.seconds:>7.1f}")
+    return "\n".join(lines)
+
+
+def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Optional[str] = None,
+                     batch_size: int = 1, json_out: Optional[str] = None, device: str = "cpu",
+                     max_images: Optional[int] = None) -> list[EvalResult]:
+    from .cli import check_device
+
+    check_device(device)
+    cfg = load_config(config_path)
+    results: list[EvalResult] = []
+    if model is not None:
+        if runtime is not None:
+            raise ConfigError("--runtime applies to the config's ONNX model; with --model the "
+                              "runtime follows the file (.onnx: ONNX Runtime, folder: Paddle)")
+        backend = open_backend(model)
+        r = evaluate_backend(cfg, backend, max_images, batch_size)
+        r.model = str(model)
+        results.append(r)
+    else:
+        require(cfg, "model_dir")
+        runtime = runtime or "onnxruntime"
+        if runtime in ("onnxruntime", "both"):
+            r = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images, batch_size)
+            r.model = cfg.model_dir
+            results.append(r)
+        if runtime in ("paddle", "both"):
+            probe = OnnxRuntimeBackend(cfg.model_dir)
+            dataset = val_dataset(cfg, preprocess_for(cfg, probe.input_shape), max_images=1)
+            converted = convert_for(cfg, dataset)
+            backend = PaddleInferenceBackend(PaddleModelFiles(converted.model_file,
+                                                              converted.params_file))
+            r = evaluate_backend(cfg, backend, max_images, batch_size)
+            r.model = str(converted.model_dir)
+            results.append(r)
+    print(format_table(results))
+    if json_out:
+        payload = [r.as_dict() for r in results]
+        write_json(json_out, payload[0] if len(payload) == 1 else payload)
+    last = results[-1]
+    print(f"mAP@0.5:0.95 = {last.map50_95:.4f}   mAP@0.5 = {last.map50:.4f}   ({last.runtime})")
+    return results
