@@ -1,0 +1,341 @@
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import paddle
+import pytest
+from paddle.static.quantization import PostTrainingQuantization
+from paddle.static.quantization.cal_kl_threshold import (cal_kl_threshold, expand_quantized_bins,
+                                                         safe_entropy)
+
+from yoloquant.calibration import (FixedPostTrainingQuantization, PTQSettings, SUPPORTED_ALGOS,
+                                   _kl_candidates, calibration_loader, kl_divergences,
+                                   kl_threshold, run_ptq)
+from yoloquant.errors import ConfigError, ModelError
+
+BINS = 2048
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def fixed_thresholds(x, algo, hist_percent=0.999):
+    """Thresholds of one activation through our real overrides, without running a model."""
+    ptq = FixedPostTrainingQuantization.__new__(FixedPostTrainingQuantization)
+    absx = np.abs(x)
+    ptq._algo = algo
+    ptq._hist_percent = hist_percent
+    ptq._activation_bits = 8
+    ptq._histogram_bins = BINS
+    ptq._quantized_weight_var_name = set()
+    ptq._quantized_act_var_name = {"x"}
+    ptq._zero_size_var_names = set()
+    ptq._sampling_act_abs_min_max = {"x": [float(absx.min()), float(absx.max())]}
+    ptq._sampling_act_histogram = {}
+    ptq._quantized_var_threshold = {}
+    ptq._init_sampling_act_histogram()
+    hist, edges = ptq._sampling_act_histogram["x"]
+    hist += np.histogram(absx, bins=edges)[0]  # what _sample_histogram does per batch
+    ptq._calculate_kl_hist_threshold()
+    return ptq._quantized_var_threshold["x"], edges
+
+
+def upstream_kl_values(hist, candidates, bits=8):
+    """KL per candidate with upstream's own P/Q construction (its loop body, per candidate)."""
+    levels = 2 ** (bits - 1) - 1
+    total = float(np.sum(hist))
+    out = []
+    for i in candidates:
+        p = hist[:i].tolist()
+        p[i - 1] += sum(hist[i:])
+        merged = int(i / levels)
+        q_levels = []
+        for k in range(levels):
+            end = i if k == levels - 1 else (k + 1) * merged
+            q_levels.append(sum(hist[k * merged:end].tolist()))
+        q = expand_quantized_bins(q_levels, p)
+        out.append(safe_entropy(p, total, q, sum(q)))
+    return np.array(out)
+
+
+def histogram(kind, bins, seed=0):
+    rng = np.random.default_rng(seed)
+    if kind == "halfnormal":
+        x = np.abs(rng.normal(size=200_000))
+    elif kind == "exponential":
+        x = rng.exponential(size=200_000)
+    elif kind == "long_tail":
+        x = np.concatenate([np.abs(rng.normal(size=200_000)), rng.uniform(0, 50, 40)])
+    elif kind == "zero_bins":
+        x = np.abs(rng.normal(size=100_000))
+        h = np.histogram(x, bins, (0, x.max()))[0]
+        h[::3] = 0
+        h[5::7] = 0
+        return h
+    elif kind == "uniform":
+        x = rng.uniform(0.3, 0.7, 100_000)
+    else:
+        raise ValueError(kind)
+    return np.histogram(x, bins, (0, x.max()))[0]
+
+
+# ------------------------------------------------------------------ upstream bug (1)
+
+
+def test_upstream_thresholds_ignore_the_histogram_start_ours_do_not():
+    x = np.random.default_rng(0).uniform(0.3, 0.7, 400_000).astype(np.float32)
+    lo, hi = float(x.min()), float(x.max())
+    # upstream: histogram over (abs_min, abs_max), thresholds measured from 0
+    hist, edges = np.histogram(x, bins=BINS, range=(lo, hi))
+    up_hist = PostTrainingQuantization._get_hist_scaling_factor(
+        SimpleNamespace(_hist_percent=0.999), hist, edges)
+    up_kl = cal_kl_threshold(hist, edges[1] - edges[0], 8)
+    assert up_hist == pytest.approx(0.3996, abs=1e-3)  # = 0.999 * (0.7 - 0.3): all x > 0.4 clipped
+    assert up_kl <= hi - lo + 1e-3 < 0.41
+
+    ours_hist, ours_edges = fixed_thresholds(x, "hist")
+    assert ours_edges[0] == 0.0
+    width = hi / BINS
+    assert ours_hist == pytest.approx(0.3 + 0.999 * 0.4, abs=1.5 * width)  # 0.6996
+    ours_kl, _ = fixed_thresholds(x, "KL")
+    assert 0.69 < ours_kl <= hi
+
+
+def test_histograms_start_at_zero_and_match_upstream_when_abs_min_is_zero():
+    x = np.abs(np.random.default_rng(1).normal(size=100_000))
+    x[:10] = 0.0  # abs_min = 0: upstream's range is already right, results must agree
+    hist, edges = np.histogram(x, bins=BINS, range=(0.0, x.max()))
+    ours_kl, ours_edges = fixed_thresholds(x, "KL")
+    np.testing.assert_array_equal(ours_edges, edges)
+    assert ours_kl == cal_kl_threshold(hist, edges[1] - edges[0], 8)
+    ours_hist, _ = fixed_thresholds(x, "hist", hist_percent=0.99)
+    assert ours_hist == PostTrainingQuantization._get_hist_scaling_factor(
+        SimpleNamespace(_hist_percent=0.99), hist, edges)
+
+
+def test_all_zero_activation_gets_a_small_positive_threshold():
+    for algo in ("KL", "hist"):
+        t, _ = fixed_thresholds(np.zeros(1000, np.float32), algo)
+        assert 0 < t < 1e-3
+
+
+# ------------------------------------------------------------------ vectorised KL (2)
+
+
+@pytest.mark.parametrize("kind", ["halfnormal", "exponential", "long_tail", "zero_bins",
+                                  "uniform"])
+def test_kl_threshold_equals_upstream(kind):
+    hist = histogram(kind, 512)
+    width = 1.0 / 512
+    assert kl_threshold(hist, width, 8) == pytest.approx(cal_kl_threshold(hist, width, 8),
+                                                         rel=1e-12)
+
+
+def test_kl_values_equal_upstream_for_every_candidate():
+    for kind in ("halfnormal", "zero_bins", "long_tail"):
+        hist = histogram(kind, 512, seed=3)
+        cand = _kl_candidates(hist)
+        ours = kl_divergences(hist, cand, 8)
+        np.testing.assert_allclose(ours, upstream_kl_values(hist, cand), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bins,bits", [(64, 8), (300, 4), (BINS, 8)])
+def test_kl_threshold_equals_upstream_other_sizes(bins, bits):
+    # 64 bins: fewer bins than int8 levels (upstream merges 0 bins per level but the last)
+    hist = histogram("halfnormal", bins, seed=bins)
+    assert kl_threshold(hist, 0.01, bits) == pytest.approx(cal_kl_threshold(hist, 0.01, bits),
+                                                           rel=1e-12)
+
+
+def test_kl_fallback_when_every_candidate_is_skipped():
+    hist = np.zeros(BINS, np.int64)
+    hist[:100] = 5  # all mass below the first candidate: upstream walks back to bin 99
+    assert kl_threshold(hist, 0.5, 8) == cal_kl_threshold(hist, 0.5, 8) == 99.5 * 0.5
+
+
+def test_kl_threshold_is_fast_on_2048_bins():
+    hist = histogram("uniform", BINS)  # uniform keeps every candidate: the slowest case
+    kl_threshold(hist, 1.0, 8)
+    start = time.perf_counter()
+    for kind in ("halfnormal", "exponential", "uniform"):
+        kl_threshold(histogram(kind, BINS), 1.0, 8)
+    # histogram() itself is included, so this bounds the KL search generously
+    assert (time.perf_counter() - start) / 3 < 0.5
+
+
+# ------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def fp32_model(tmp_path_factory):
+    """conv -> relu -> conv saved with save_inference_model; images have |x| in [0.3, 0.7]."""
+    model_dir = tmp_path_factory.mktemp("fp32")
+    paddle.enable_static()
+    try:
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            x = paddle.static.data("image", [None, 3, 16, 16], "float32")
+            y = paddle.static.nn.conv2d(x, 8, 3, padding=1)
+            y = paddle.nn.functional.relu(y)
+            y = paddle.static.nn.conv2d(y, 4, 3, padding=1)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        scope = paddle.static.Scope()
+        with paddle.static.scope_guard(scope):
+            exe.run(startup)
+            paddle.static.save_inference_model(str(model_dir / "model"), [x], [y], exe,
+                                               program=main)
+    finally:
+        paddle.disable_static()
+    images = [np.random.default_rng(i).uniform(0.3, 0.7, (3, 16, 16)).astype(np.float32)
+              for i in range(6)]
+    return model_dir, images
+
+
+def load_and_run(model_path, names, batches):
+    """Load a saved model in a fresh scope; return its ops, the outputs and max |x| per name."""
+    paddle.enable_static()
+    try:
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        with paddle.static.scope_guard(paddle.static.Scope()):
+            program, feeds, fetches = paddle.static.load_inference_model(
+                str(model_path)[:-len(".pdmodel")], exe)
+            block = program.global_block()
+            names = [n for n in names if block.has_var(n)]
+            outs, abs_max = [], {n: 0.0 for n in names}
+            for batch in batches:
+                res = exe.run(program, feed={feeds[0]: batch},
+                              fetch_list=list(fetches) + names)
+                outs.append(res[0])
+                for n, v in zip(names, res[1:]):
+                    abs_max[n] = max(abs_max[n], float(np.abs(v).max()))
+        return [op.type for op in block.ops], np.concatenate(outs), abs_max
+    finally:
+        paddle.disable_static()
+
+
+def settings(algo, **kw):
+    return PTQSettings(algo=algo, batch_nums=3, hist_percent=0.999,
+                       quantizable_op_type=("conv2d",), onnx_format=True, **kw)
+
+
+@pytest.mark.parametrize("algo", ["avg", "hist", "KL", "mse"])
+def test_run_ptq_end_to_end(fp32_model, tmp_path, algo):
+    model_dir, images = fp32_model
+    loader = calibration_loader(images, "image", batch_size=2)
+    assert paddle.in_dynamic_mode()
+    start = time.perf_counter()
+    result = run_ptq(settings(algo), loader, str(model_dir), "model.pdmodel",
+                     "model.pdiparams", str(tmp_path / "q"))
+    elapsed = time.perf_counter() - start
+    assert paddle.in_dynamic_mode()  # static mode did not leak
+    assert elapsed < 10
+    assert result.model_path.endswith("model.pdmodel") and result.params_path.endswith(
+        "model.pdiparams")
+
+    batches = [np.stack(images[i:i + 2]) for i in range(0, 6, 2)]
+    acts = list(result.activation_names)
+    op_types, q_out, _ = load_and_run(result.model_path, [], batches)
+    _, f_out, abs_max = load_and_run(model_dir / "model.pdmodel", acts, batches)
+    assert "quantize_linear" in op_types and "dequantize_linear" in op_types
+    # int8 simulation stays close to FP32
+    assert np.abs(q_out - f_out).max() < 0.1 * np.abs(f_out).max()
+
+    assert result.weight_names == ("conv2d_0.w_0", "conv2d_1.w_0")
+    assert {"image", "relu_0.tmp_0", "conv2d_0.tmp_0"} <= set(acts)
+    assert set(result.thresholds) == set(acts) | set(result.weight_names)
+    for name in result.weight_names:  # channel-wise: one value per output channel
+        assert len(result.thresholds[name]) in (8, 4)
+        assert all(v > 0 for v in result.thresholds[name])
+    for name in acts:
+        assert result.thresholds[name] > 0
+        if algo in ("hist", "KL"):
+            assert result.thresholds[name] <= abs_max[name] * (1 + 1e-6)
+    assert result.thresholds["image"] > 0.68  # the true range, not upstream's ~0.4
+
+    ops = [(o.op_type, o.inputs, o.weights, o.outputs) for o in result.quantized_ops]
+    assert ops == [("conv2d", ("image",), ("conv2d_0.w_0",), ("conv2d_0.tmp_0",)),
+                   ("conv2d", ("relu_0.tmp_0",), ("conv2d_1.w_0",), ("conv2d_1.tmp_0",))]
+
+
+def test_legacy_format_reports_the_same_ops(fp32_model, tmp_path):
+    model_dir, images = fp32_model
+    result = run_ptq(PTQSettings(algo="hist", batch_nums=3, quantizable_op_type=("conv2d",),
+                                 onnx_format=False),
+                     calibration_loader(images, "image", 2), str(model_dir), "model.pdmodel",
+                     "model.pdiparams", str(tmp_path / "q"))
+    assert [(o.inputs, o.weights) for o in result.quantized_ops] == [
+        (("image",), ("conv2d_0.w_0",)), (("relu_0.tmp_0",), ("conv2d_1.w_0",))]
+
+
+def test_upstream_hist_clips_the_input_on_the_same_model(fp32_model, tmp_path):
+    model_dir, images = fp32_model
+    loader = calibration_loader(images, "image", 2)
+    ours = run_ptq(settings("hist"), loader, str(model_dir), "model.pdmodel",
+                   "model.pdiparams", str(tmp_path / "q"))
+    paddle.enable_static()
+    try:
+        scope = paddle.static.Scope()
+        with paddle.static.scope_guard(scope):
+            upstream = PostTrainingQuantization(
+                executor=paddle.static.Executor(paddle.CPUPlace()), model_dir=str(model_dir),
+                model_filename="model.pdmodel", params_filename="model.pdiparams",
+                data_loader=loader, batch_nums=3, scope=scope, algo="hist", hist_percent=0.999,
+                quantizable_op_type=["conv2d"], onnx_format=True)
+            upstream.quantize()
+    finally:
+        paddle.disable_static()
+    theirs = upstream._quantized_var_threshold
+    assert theirs["image"] < 0.41 < 0.69 < ours.thresholds["image"]
+    # relu output has abs_min = 0, where upstream's histogram was already right
+    assert ours.thresholds["relu_0.tmp_0"] == pytest.approx(theirs["relu_0.tmp_0"], rel=1e-12)
+
+
+def test_repeated_runs_are_independent(fp32_model, tmp_path):
+    model_dir, images = fp32_model
+    loader = calibration_loader(images, "image", 2)
+    a = run_ptq(settings("KL"), loader, str(model_dir), "model.pdmodel", "model.pdiparams",
+                str(tmp_path / "a"))
+    b = run_ptq(settings("KL"), loader, str(model_dir), "model.pdmodel", "model.pdiparams",
+                str(tmp_path / "b"))
+    assert a.thresholds == b.thresholds
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_bad_algo_lists_the_valid_ones():
+    with pytest.raises(ConfigError) as err:
+        PTQSettings(algo="kl")
+    for algo in SUPPORTED_ALGOS:
+        assert algo in str(err.value)
+    with pytest.raises(ConfigError, match="min_max"):
+        PTQSettings(algo="min_max")
+
+
+@pytest.mark.parametrize("kw", [dict(hist_percent=1.0), dict(batch_nums=0),
+                                dict(weight_bits=4), dict(quantizable_op_type=["conv3d"]),
+                                dict(weight_quantize_type="per_channel"),
+                                dict(deploy_backend="tpu")])
+def test_bad_settings_raise_config_error(kw):
+    with pytest.raises(ConfigError):
+        PTQSettings(**kw)
+
+
+def test_settings_store_lists_as_tuples():
+    s = PTQSettings(quantizable_op_type=["conv2d"], skip_tensor_list=["a"])
+    assert s.quantizable_op_type == ("conv2d",) and s.skip_tensor_list == ("a",)
+    hash(s)
+
+
+def test_generator_and_missing_model_are_refused(fp32_model, tmp_path):
+    model_dir, images = fp32_model
+    with pytest.raises(ConfigError, match="DataLoader"):
+        run_ptq(settings("avg"), iter(images), str(model_dir), "model.pdmodel",
+                "model.pdiparams", str(tmp_path / "q"))
+    loader = calibration_loader(images, "image", 2)
+    with pytest.raises(ModelError):
+        run_ptq(settings("avg"), loader, str(tmp_path / "nope"), "model.pdmodel",
+                "model.pdiparams", str(tmp_path / "q"))
+    with pytest.raises(ModelError, match="params"):
+        run_ptq(settings("avg"), loader, str(model_dir), "model.pdmodel", "other.pdiparams",
+                str(tmp_path / "q"))

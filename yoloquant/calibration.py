@@ -1,0 +1,485 @@
+"""Post-training calibration: Paddle's PostTrainingQuantization with two upstream bugs fixed.
+
+`run_ptq` does what `paddleslim.quant.quant_post_static` does (same arguments, same defaults, the
+same `PostTrainingQuantization` calls) but with `FixedPostTrainingQuantization`, which
+
+1. builds the activation histograms of the 'KL' and 'hist' algorithms from 0 instead of from the
+   smallest observed |x| (upstream's thresholds were wrong whenever that minimum was not ~0), and
+2. replaces the pure-Python KL threshold search (seconds per tensor, minutes to hours per model)
+   by `kl_threshold`, a numpy version that chooses the same threshold.
+
+It also returns what the run decided (`PTQResult`): thresholds, quantized tensors and ops, so a
+later step can put the same scales into an ONNX graph.
+
+Paddle facts this module relies on (paddle 2.6.2): the calibration data must come from a
+`paddle.io.DataLoader`; a loader's own batch size is the one used (`PTQSettings.batch_size` is
+only checked to be positive); `batch_nums` counts loader batches; the 'KL' and 'hist' algorithms
+iterate the loader twice (abs-max pass, then histogram pass), so it must give the same batches in
+the same order each time (no shuffling).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import paddle
+from paddle.static.quantization import PostTrainingQuantization
+from paddle.static.quantization.quant_config import SUPPORT_QUANTIZATION_OP_DICT
+
+from .errors import ConfigError, ModelError
+
+log = logging.getLogger("yoloquant")
+
+# The algorithms PostTrainingQuantization accepts (its `_support_algo_type`), minus 'min_max':
+# with 'min_max' paddle 2.6 only writes min/max attributes on the ops and inserts no
+# quantize/dequantize ops at all, so the "quantized" model is the float model.
+SUPPORTED_ALGOS = ("KL", "hist", "avg", "mse", "emd", "abs_max", "ptf")
+WEIGHT_QUANTIZE_TYPES = ("abs_max", "channel_wise_abs_max")
+ACTIVATION_QUANTIZE_TYPES = ("range_abs_max", "moving_average_abs_max", "abs_max")
+ROUND_TYPES = ("round", "adaround")
+DEPLOY_BACKENDS = (None, "tensorrt", "mkldnn", "arm")
+# quant_post_static's default op list
+DEFAULT_QUANTIZABLE_OPS = ("conv2d", "depthwise_conv2d", "conv2d_transpose", "mul", "matmul",
+                           "matmul_v2")
+
+
+# --------------------------------------------------------------------------------------------
+# KL threshold search
+# --------------------------------------------------------------------------------------------
+
+def _kl_candidates(hist: np.ndarray) -> np.ndarray:
+    """The candidate clip indices of upstream `cal_kl_threshold`, in its order.
+
+    Candidate i keeps bins [0, i). Upstream tries i = int((n-1)/2) .. n-1 and skips every i
+    whose last kept bin hist[i-1] is empty. (i = 0, reachable only for n <= 2, makes upstream
+    crash, so it is left out.)
+    """
+    n = hist.shape[0]
+    cand = np.arange(max(int((n - 1) * 0.5), 1), n)
+    return cand[hist[cand - 1] != 0]
+
+
+def kl_divergences(hist: np.ndarray, candidates: np.ndarray, bits: int) -> np.ndarray:
+    """KL(P || Q) for every candidate clip index, as upstream `cal_kl_threshold` defines P and Q.
+
+    For candidate i upstream builds, from the histogram h (n bins) and L = 2**(bits-1) - 1:
+    - P = h[0:i] with the outliers sum(h[i:]) added to the last bin P[i-1];
+    - L levels over bins [0, i): level k spans [k*m, (k+1)*m) with m = i // L, the last level
+      also takes the remainder up to i; C_k = sum of h over the level, N_k = its non-empty bins;
+    - Q[j] = C_k / N_k for a non-empty bin j of level k, 0 for an empty one ("expand");
+    - KL = (sum_{P>0} P log(Qsum P) - sum_{P>0} P log(T Q)) / T, T = sum(h), Qsum = sum(Q).
+    Since Q is constant on the non-empty bins of a level, the sums collapse per level:
+        sum_{P>0} P log(Qsum P) = T log(Qsum) + sum_{j<i-1, h>0} h log h + P[i-1] log P[i-1]
+        sum_{P>0} P log(T Q)    = T log(T) + sum_k C_k log(C_k / N_k) + outliers log(C_L/N_L)
+    (Qsum = sum_k C_k = sum(h[0:i])), so each candidate costs O(L) with prefix sums instead
+    of Python loops over its bins. The values equal upstream's up to float rounding.
+    """
+    h = np.asarray(hist, dtype=np.float64)
+    i = np.asarray(candidates, dtype=np.int64)
+    levels = 2 ** (bits - 1) - 1
+    total = h.sum()
+    nonzero = h > 0
+    # prefix sums: S[k] = sum(h[:k]), Z[k] = non-empty bins in h[:k], HL[k] = sum(h log h)
+    S = np.concatenate(([0.0], np.cumsum(h)))
+    Z = np.concatenate(([0], np.cumsum(nonzero)))
+    hlogh = np.zeros_like(h)
+    hlogh[nonzero] = h[nonzero] * np.log(h[nonzero])
+    HL = np.concatenate(([0.0], np.cumsum(hlogh)))
+
+    merged = (i // levels)[:, None]                      # bins per level (m)
+    k = np.arange(levels)[None, :]
+    lo = k * merged
+    hi = np.where(k == levels - 1, i[:, None], (k + 1) * merged)
+    C = S[hi] - S[lo]
+    N = Z[hi] - Z[lo]
+    used = C > 0                                          # C > 0 exactly when N > 0
+    level_term = np.where(used, C * np.log(np.where(used, C / np.maximum(N, 1), 1.0)), 0.0)
+
+    outliers = total - S[i]
+    last = h[i - 1] + outliers                            # P[i-1] > 0 for every candidate
+    last_q = C[:, -1] / N[:, -1]                          # Q of bin i-1 (last level)
+    outlier_term = np.where(outliers > 0, outliers * np.log(last_q), 0.0)
+
+    sum1 = total * np.log(S[i]) + HL[i - 1] + last * np.log(last)
+    sum2 = total * np.log(total) + level_term.sum(axis=1) + outlier_term
+    return (sum1 - sum2) / total
+
+
+def kl_threshold(hist: np.ndarray, bin_width: float, bits: int = 8) -> float:
+    """Vectorised `paddle...cal_kl_threshold`: same candidates, same KL, same tie-breaking.
+
+    `hist` must start at 0 (bin j covers [j*w, (j+1)*w)), as `FixedPostTrainingQuantization`
+    builds it. Returns (best index + 0.5) * bin_width like upstream.
+    """
+    h = np.asarray(hist)
+    if h.ndim != 1 or h.shape[0] < 2:
+        raise ValueError(f"kl_threshold needs a 1-D histogram of >= 2 bins, got shape {h.shape}")
+    candidates = _kl_candidates(h)
+    if candidates.size:
+        kl = kl_divergences(h, candidates, bits)
+        # argmin keeps the first of equal minima, like upstream's strict '<'
+        best = int(candidates[int(np.argmin(kl))])
+    else:
+        # upstream's fallback when every candidate was skipped: the last non-empty bin at or
+        # below the starting index
+        best = int((h.shape[0] - 1) * 0.5)
+        while best > 0 and h[best] == 0:
+            best -= 1
+    return float((best + 0.5) * bin_width)
+
+
+# --------------------------------------------------------------------------------------------
+# The fixed PostTrainingQuantization
+# --------------------------------------------------------------------------------------------
+
+class FixedPostTrainingQuantization(PostTrainingQuantization):
+    """PostTrainingQuantization with correct and fast 'KL' / 'hist' activation thresholds.
+
+    Upstream bug (paddle 2.6 `post_training_quantization.py`): `_init_sampling_act_histogram`
+    spans each |activation| histogram over (abs_min, abs_max), but both threshold rules read a
+    bin index as a distance from 0: `cal_kl_threshold` returns `(index + 0.5) * bin_width` and
+    `_get_hist_scaling_factor` `(index - 0.5) * bin_width`. The histogram start (abs_min) is
+    dropped, so every threshold is at most abs_max - abs_min: for |x| in [0.3, 0.7] the 'hist'
+    threshold is ~0.4 and everything above it is clipped.
+
+    Fix, in one place: `_init_sampling_act_histogram` spans the histograms over (0, abs_max).
+    Adding abs_min to the thresholds instead would fix 'hist' but not 'KL', whose search maps
+    bins [0, i) onto the 127 int8 levels and so assumes bin 0 starts at 0. Bins get slightly
+    wider when abs_min > 0; for the usual abs_min ~ 0 nothing changes.
+
+    Speed: `_calculate_kl_hist_threshold` computes activation thresholds with `kl_threshold`
+    (numpy) instead of upstream's pure-Python `cal_kl_threshold`. Weight thresholds are still
+    computed by the upstream method, unchanged.
+    """
+
+    def _init_sampling_act_histogram(self):
+        for var_name in self._quantized_act_var_name:
+            if var_name in self._sampling_act_histogram:
+                continue
+            if var_name not in self._sampling_act_abs_min_max:
+                continue  # zero-size in every batch: upstream skips it too
+            abs_max = float(self._sampling_act_abs_min_max[var_name][1])
+            # all-zero tensor: any positive range puts every value in bin 0
+            upper = abs_max if abs_max > 0 else 1.0
+            hist, edges = np.histogram([], bins=self._histogram_bins, range=(0.0, upper))
+            self._sampling_act_histogram[var_name] = [hist, edges]
+
+    def _calculate_kl_hist_threshold(self):
+        # Upstream does weights and activations in one method. Run it with no activations so
+        # the weight thresholds come from upstream's own code, then do the activations here.
+        activations = self._quantized_act_var_name
+        self._quantized_act_var_name = set()
+        try:
+            super()._calculate_kl_hist_threshold()
+        finally:
+            self._quantized_act_var_name = activations
+
+        for var_name in sorted(activations):
+            if var_name not in self._sampling_act_histogram:
+                continue  # zero-size tensor: upstream leaves it without threshold as well
+            hist, edges = self._sampling_act_histogram[var_name]
+            if edges[0] != 0:
+                raise AssertionError(f"histogram of {var_name} does not start at 0")
+            if self._algo == "KL":
+                threshold = kl_threshold(hist, edges[1] - edges[0], self._activation_bits)
+            else:
+                # upstream's rule is right once the histogram starts at 0
+                threshold = float(self._get_hist_scaling_factor(hist, edges))
+            self._quantized_var_threshold[var_name] = threshold
+
+
+# --------------------------------------------------------------------------------------------
+# Settings, result and the entry point
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PTQSettings:
+    """The arguments of `quant_post_static` that shape the calibration, with its defaults.
+
+    `batch_size` is kept for compatibility but has no effect: the DataLoader's own batch size is
+    used. `batch_nums` counts loader batches (None: the whole loader). Lists are stored as tuples.
+    """
+
+    algo: str = "hist"
+    hist_percent: float = 0.9999
+    batch_nums: Optional[int] = None
+    batch_size: int = 1
+    quantizable_op_type: Tuple[str, ...] = DEFAULT_QUANTIZABLE_OPS
+    weight_quantize_type: str = "channel_wise_abs_max"
+    activation_quantize_type: str = "range_abs_max"
+    is_full_quantize: bool = False
+    onnx_format: bool = True
+    bias_correction: bool = False
+    skip_tensor_list: Optional[Tuple[str, ...]] = None
+    weight_bits: int = 8
+    activation_bits: int = 8
+    round_type: str = "round"
+    optimize_model: bool = False
+    deploy_backend: Optional[str] = None
+
+    def __post_init__(self):
+        # frozen: normalise list arguments through object.__setattr__
+        object.__setattr__(self, "quantizable_op_type", tuple(self.quantizable_op_type))
+        if self.skip_tensor_list is not None:
+            object.__setattr__(self, "skip_tensor_list", tuple(self.skip_tensor_list))
+        self._validate()
+
+    def _validate(self):
+        # upstream checks these with asserts (or not at all): turn them into readable errors
+        if self.algo == "min_max":
+            raise ConfigError("algo 'min_max' is not supported: paddle's PTQ inserts no "
+                              "quantize ops with it. Valid: " + ", ".join(SUPPORTED_ALGOS))
+        if self.algo not in SUPPORTED_ALGOS:
+            raise ConfigError(f"unknown PTQ algo {self.algo!r}; valid: "
+                              + ", ".join(SUPPORTED_ALGOS))
+        if not 0.0 < self.hist_percent < 1.0:
+            # at 1.0 float round-off can leave upstream's cumulative sum below the target and
+            # the threshold negative; algo 'abs_max' is the way to keep the full range
+            raise ConfigError(f"hist_percent must be in (0, 1), got {self.hist_percent}")
+        if self.batch_nums is not None and self.batch_nums < 1:
+            raise ConfigError(f"batch_nums must be >= 1 or null, got {self.batch_nums}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.weight_quantize_type not in WEIGHT_QUANTIZE_TYPES:
+            raise ConfigError(f"weight_quantize_type {self.weight_quantize_type!r}; valid: "
+                              + ", ".join(WEIGHT_QUANTIZE_TYPES))
+        if self.activation_quantize_type not in ACTIVATION_QUANTIZE_TYPES:
+            raise ConfigError(f"activation_quantize_type {self.activation_quantize_type!r}; "
+                              "valid: " + ", ".join(ACTIVATION_QUANTIZE_TYPES))
+        if self.round_type not in ROUND_TYPES:
+            raise ConfigError(f"round_type {self.round_type!r}; valid: " + ", ".join(ROUND_TYPES))
+        if self.weight_bits != self.activation_bits or not 2 <= self.weight_bits <= 16:
+            raise ConfigError("weight_bits and activation_bits must be equal (paddle supports "
+                              f"nothing else) and in 2..16, got {self.weight_bits} and "
+                              f"{self.activation_bits}")
+        if not self.is_full_quantize:
+            bad = [t for t in self.quantizable_op_type if t not in SUPPORT_QUANTIZATION_OP_DICT]
+            if bad:
+                raise ConfigError(f"op types {bad} cannot be quantized; valid: "
+                                  + ", ".join(sorted(SUPPORT_QUANTIZATION_OP_DICT)))
+        backend = self.deploy_backend.lower() if self.deploy_backend else None
+        if backend not in DEPLOY_BACKENDS:
+            # upstream silently falls back to no quantizer config for an unknown backend
+            raise ConfigError(f"deploy_backend {self.deploy_backend!r}; valid: None, TensorRT, "
+                              "MKLDNN, ARM")
+
+
+@dataclass(frozen=True)
+class QuantizedOp:
+    """One op of the saved program that reads quantized tensors.
+
+    Names are the FP32 program's: `inputs` are activations that got a quantize/dequantize pair,
+    `weights` the quantized weights, `outputs` the op's outputs (unchanged by quantization).
+    """
+
+    op_type: str
+    inputs: Tuple[str, ...]
+    weights: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PTQResult:
+    """What a calibration run produced.
+
+    thresholds: var name -> clip threshold (the abs-max range, not the int8 scale: the scale
+        is threshold / (2**(bits-1) - 1)); a list of per-channel values for channel-wise
+        weights. Covers weights, quantized inputs and the outputs of quantized and "observer"
+        ops (paddle records ranges for many op outputs it does not quantize).
+    weight_names / activation_names: the tensors paddle calibrated (sorted).
+    quantized_ops: the ops that read quantized tensors, in program order.
+    """
+
+    model_path: str
+    params_path: str
+    algo: str
+    thresholds: Dict[str, Union[float, List[float]]]
+    weight_names: Tuple[str, ...]
+    activation_names: Tuple[str, ...]
+    quantized_ops: Tuple[QuantizedOp, ...] = field(default_factory=tuple)
+
+
+def calibration_loader(images: Sequence[np.ndarray], feed_name: str,
+                       batch_size: int = 1) -> "paddle.io.DataLoader":
+    """A DataLoader feeding `images` (indexable, each one CHW array) as {feed_name: batch}.
+
+    Not shuffled: 'KL' and 'hist' read the loader twice and need the same batches both times.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+
+    class _Feed(paddle.io.Dataset):
+        def __len__(self):
+            return len(images)
+
+        def __getitem__(self, i):
+            return {feed_name: np.asarray(images[i], dtype=np.float32)}
+
+    return paddle.io.DataLoader(_Feed(), batch_size=batch_size, shuffle=False, drop_last=False,
+                                return_list=True)
+
+
+def _resolve_model_files(model_dir: str, model_filename: Optional[str],
+                         params_filename: Optional[str]) -> None:
+    """Raise ModelError unless the files paddle's load_inference_model will look for exist."""
+    if not os.path.isdir(model_dir):
+        raise ModelError(f"model directory not found: {model_dir}")
+
+    def exists(name: str, suffix: str) -> bool:
+        # load_inference_model tries '<name><suffix>' first, then '<name>'
+        return any(os.path.isfile(os.path.join(model_dir, n)) for n in (name + suffix, name))
+
+    model_name = model_filename if model_filename is not None else "__model__"
+    if not exists(model_name, ".pdmodel"):
+        raise ModelError(f"no model file {model_name!r} in {model_dir}")
+    if params_filename is not None and not exists(params_filename, ".pdiparams"):
+        raise ModelError(f"no params file {params_filename!r} in {model_dir}")
+
+
+def _plain(value):
+    """Thresholds as plain floats (upstream mixes numpy scalars, floats and lists)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [float(v) for v in np.ravel(value)]
+    return float(value)
+
+
+def _quantized_ops(program, weight_names) -> Tuple[QuantizedOp, ...]:
+    """Find the ops reading quantized tensors in a quantized program.
+
+    onnx_format programs: an input is quantized when it comes from a dequantize_linear that is
+    not `only_observer`; that op reads either a weight (persistable, stored as int8) or the
+    output of a quantize_linear whose input is the FP32 activation. Legacy programs: activations
+    come from fake_quantize* ops, weights are read directly (already rounded in place).
+    Var names are not unique (paddle can write one name twice), so producers are tracked in
+    program order.
+    """
+    producer = {}
+
+    def trace(name):
+        """(fp32 name, is_weight) for a quantized input, None for anything else."""
+        op = producer.get(name)
+        if op is None:
+            return None
+        if op.type == "dequantize_linear":
+            if op.has_attr("only_observer") and op.attr("only_observer"):
+                return None
+            x = op.input("X")[0]
+            q = producer.get(x)
+            if q is not None and q.type == "quantize_linear":
+                return q.input("X")[0], False
+            return x, True
+        if op.type.startswith(("fake_quantize", "fake_channel_wise_quantize")):
+            return op.input("X")[0], False
+        return None
+
+    found = []
+    for op in program.global_block().ops:
+        is_quant_op = op.type in ("quantize_linear", "dequantize_linear") or \
+            op.type.startswith("fake_")
+        if not is_quant_op and op.type not in ("feed", "fetch"):
+            inputs, weights = [], []
+            for name in op.input_arg_names:
+                traced = trace(name)
+                if traced is not None:
+                    (weights if traced[1] else inputs).append(traced[0])
+                elif name in weight_names:
+                    weights.append(name)  # legacy format: frozen weight read directly
+            if inputs or weights:
+                found.append(QuantizedOp(op.type, tuple(inputs), tuple(weights),
+                                         tuple(op.output_arg_names)))
+        for name in op.output_arg_names:
+            producer[name] = op
+    return tuple(found)
+
+
+def run_ptq(settings: PTQSettings, data_loader, model_dir: Union[str, os.PathLike],
+            model_filename: Optional[str], params_filename: Optional[str],
+            save_dir: Union[str, os.PathLike], executor=None, scope=None,
+            save_model_filename: str = "model.pdmodel") -> PTQResult:
+    """Calibrate and quantize a Paddle inference model as quant_post_static would, fixed.
+
+    data_loader: a `paddle.io.DataLoader` yielding feed dicts (see `calibration_loader`); its
+        batch size is the one used and `settings.batch_nums` counts its batches.
+    model_dir, model_filename, params_filename: the FP32 model, as for load_inference_model.
+    save_dir: where `<save_model_filename>` and the matching `.pdiparams` are written (paddle
+        names the params after the model file; quant_post_static's params name is ignored).
+    executor, scope: default a CPU executor and a fresh Scope, so runs do not share state.
+    Runs in static mode and switches back to dynamic mode afterwards if that was the mode.
+    """
+    if not isinstance(data_loader, paddle.io.DataLoader):
+        raise ConfigError("data_loader must be a paddle.io.DataLoader (paddle 2.6 refuses "
+                          f"generators), got {type(data_loader).__name__}; see "
+                          "yoloquant.calibration.calibration_loader")
+    model_dir = os.fspath(model_dir).rstrip("/")
+    save_dir = os.fspath(save_dir)
+    _resolve_model_files(model_dir, model_filename, params_filename)
+    if settings.algo in ("KL", "hist") and getattr(data_loader.batch_sampler, "shuffle", False):
+        log.warning("the calibration loader shuffles: 'KL'/'hist' read it twice and values "
+                    "beyond the first pass's range are dropped from the histograms")
+    loader_batch = getattr(data_loader, "batch_size", None)
+    if loader_batch is not None and loader_batch != settings.batch_size:
+        log.info("calibration uses the loader's batch size %s (batch_size %s is ignored)",
+                 loader_batch, settings.batch_size)
+
+    was_dynamic = paddle.in_dynamic_mode()
+    paddle.enable_static()
+    try:
+        if executor is None:
+            executor = paddle.static.Executor(paddle.CPUPlace())
+        scope = scope if scope is not None else paddle.static.Scope()
+        # load_inference_model and save_inference_model use the global scope: point it at ours
+        with paddle.static.scope_guard(scope):
+            ptq = FixedPostTrainingQuantization(
+                executor=executor,
+                data_loader=data_loader,
+                model_dir=model_dir,
+                model_filename=model_filename,
+                params_filename=params_filename,
+                batch_size=settings.batch_size,
+                batch_nums=settings.batch_nums,
+                scope=scope,
+                algo=settings.algo,
+                round_type=settings.round_type,
+                hist_percent=settings.hist_percent,
+                bias_correction=settings.bias_correction,
+                quantizable_op_type=list(settings.quantizable_op_type),
+                is_full_quantize=settings.is_full_quantize,
+                weight_bits=settings.weight_bits,
+                activation_bits=settings.activation_bits,
+                activation_quantize_type=settings.activation_quantize_type,
+                weight_quantize_type=settings.weight_quantize_type,
+                onnx_format=settings.onnx_format,
+                skip_tensor_list=(list(settings.skip_tensor_list)
+                                  if settings.skip_tensor_list is not None else None),
+                optimize_model=settings.optimize_model,
+                deploy_backend=settings.deploy_backend,
+            )
+            ptq.quantize()
+            ptq.save_quantized_model(save_dir, model_filename=save_model_filename)
+        # same naming rule as save_quantized_model
+        stem = save_model_filename[:-len(".pdmodel")] \
+            if save_model_filename.endswith(".pdmodel") else save_model_filename
+        model_path = os.path.join(save_dir, stem + ".pdmodel")
+        params_path = os.path.join(save_dir, stem + ".pdiparams")
+        # read the ops back from disk: the in-memory program still holds ops the save pruned
+        with open(model_path, "rb") as f:
+            saved = paddle.static.Program.parse_from_string(f.read())
+        weights = tuple(sorted(ptq._quantized_weight_var_name))
+        quantized_ops = _quantized_ops(saved, set(weights))
+    finally:
+        if was_dynamic:
+            paddle.disable_static()
+
+    scale_dict = ptq._scale_dict or {}
+    return PTQResult(
+        model_path=model_path,
+        params_path=params_path,
+        algo=settings.algo,
+        thresholds={name: _plain(v) for name, v in sorted(scale_dict.items())},
+        weight_names=weights,
+        activation_names=tuple(sorted(ptq._quantized_act_var_name)),
+        quantized_ops=quantized_ops,
+    )
