@@ -2,7 +2,7 @@
 
   python eval.py --config_path configs/yolov5n_coco_mini.yaml                 # float ONNX, ONNX Runtime
   python eval.py --config_path ... --runtime paddle                           # its Paddle conversion
-  python eval.py --config_path ... --model out/                               # a post_quant.py output
+  python eval.py --config_path ... --model out/               # a post_quant.py output, real int8 runtimes
 """
 import argparse
 
@@ -13,7 +13,7 @@ from yoloquant.evaluate import RUNTIMES, evaluate_command
 def main(args: argparse.Namespace) -> int:
     evaluate_command(args.config_path, model=args.model, runtime=args.runtime,
                      batch_size=args.batch_size, json_out=args.json, device=args.devices,
-                     max_images=args.max_images)
+                     max_images=args.max_images, simulate=args.simulate)
     return 0
 
 
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=1, help="images per inference call")
     parser.add_argument("--max_images", type=int, default=None,
                         help="evaluate the first N images only")
+    parser.add_argument("--simulate", action="store_true",
+                        help="also run the float simulation of a quantized Paddle model "
+                             "(labelled as such; deployment accuracy is the int8 rows)")
     parser.add_argument("--json", default=None, metavar="OUT",
                         help="write {map50_95, map50, images, runtime, seconds} to OUT")
     return parser

@@ -48,7 +48,7 @@ def format_table(rows: list[EvalResult]) -> str:
 
 def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Optional[str] = None,
                      batch_size: int = 1, json_out: Optional[str] = None, device: str = "cpu",
-                     max_images: Optional[int] = None) -> list[EvalResult]:
+                     max_images: Optional[int] = None, simulate: bool = False) -> list[EvalResult]:
     from .cli import check_device
 
     check_device(device)
@@ -58,10 +58,16 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
         if runtime is not None:
             raise ConfigError("--runtime applies to the config's ONNX model; with --model the "
                               "runtime follows the file (.onnx: ONNX Runtime, folder: Paddle)")
-        backend = open_backend(model)
-        r = evaluate_backend(cfg, backend, max_images, batch_size)
-        r.model = str(model)
-        results.append(r)
+        if Path(model).is_dir() and (Path(model) / "summary.json").is_file():
+            # a post_quant.py output: every int8 artifact in it, on its real int8 runtime
+            results.extend(evaluate_saved(cfg, model, max_images, simulate=simulate))
+        else:
+            if simulate:
+                raise ConfigError("--simulate applies to a post_quant.py output folder")
+            backend = open_backend(model)
+            r = evaluate_backend(cfg, backend, max_images, batch_size)
+            r.model = str(model)
+            results.append(r)
     else:
         require(cfg, "model_dir")
         runtime = runtime or "onnxruntime"
@@ -85,3 +91,29 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
     last = results[-1]
     print(f"mAP@0.5:0.95 = {last.map50_95:.4f}   mAP@0.5 = {last.map50:.4f}   ({last.runtime})")
     return results
+
+
+def evaluate_saved(cfg: Config, save_dir: str, max_images: Optional[int] = None,
+                   simulate: bool = False) -> list[EvalResult]:
+    """Evaluate a post_quant.py output folder in the real int8 runtimes it holds."""
+    save = Path(save_dir)
+    rows = []
+    if list(save.glob("*.pdmodel")):
+        files = PaddleModelFiles.find(save)
+        backend = PaddleInferenceBackend(files, int8=True)
+        r = evaluate_backend(cfg, backend, max_images)
+        r.model = f"INT8 {files.model_file.name}"
+        rows.append(r)
+        if simulate:
+            sim = PaddleInferenceBackend(files, int8=False, mkldnn=False)
+            sim.name = "paddle-fp32-simulation-of-int8"
+            r = evaluate_backend(cfg, sim, max_images)
+            r.model = f"INT8 {files.model_file.name} (SIMULATED)"
+            rows.append(r)
+    for onnx_file in sorted(save.glob("*.onnx")):
+        r = evaluate_backend(cfg, OnnxRuntimeBackend(onnx_file), max_images)
+        r.model = f"INT8 {onnx_file.name}"
+        rows.append(r)
+    if not rows:
+        raise ConfigError(f"{save} holds no .pdmodel or .onnx model to evaluate")
+    return rows

@@ -5,8 +5,10 @@ Paddle conversion and the INT8 artifacts are compared under one protocol.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -16,6 +18,8 @@ import numpy as np
 from .errors import ModelError
 
 log = logging.getLogger("yoloquant")
+# Paddle's C++ passes log every fusion step at INFO; keep warnings and errors only
+os.environ.setdefault("GLOG_minloglevel", "2")
 
 # Paddle Inference's oneDNN int8 pass quantizes every op it can unless told otherwise; on YOLO
 # heads that destroys the box/score concat (measured: mAP 0.000), so int8 runs are limited to convs.
@@ -96,13 +100,15 @@ class PaddleInferenceBackend:
         if int8:
             config.enable_mkldnn_int8(set(INT8_OP_TYPES))
         try:
-            self.predictor = inference.create_predictor(config)
+            with _quiet_stdout():  # the oneDNN int8 passes print every fusion to stdout
+                self.predictor = inference.create_predictor(config)
         except Exception as exc:  # paddle raises its own enforce errors for unreadable programs
             raise ModelError(f"Paddle Inference cannot load {files.model_file}: {exc}") from exc
         self.input_name = self.predictor.get_input_names()[0]
         self.input_handle = self.predictor.get_input_handle(self.input_name)
         self.output_handle = self.predictor.get_output_handle(self.predictor.get_output_names()[0])
-        self.input_shape = tuple(self.input_handle.shape())
+        # the handle reports [0] until reshaped: read the declared shape from the program
+        self.input_shape = _feed_shape(files.model_file, self.input_name)
         kind = "onednn-int8" if int8 else ("onednn-fp32" if mkldnn else "fp32")
         self.name = f"paddle-inference({kind})"
         self.files = files
@@ -112,6 +118,33 @@ class PaddleInferenceBackend:
         self.input_handle.copy_from_cpu(np.ascontiguousarray(images, dtype=np.float32))
         self.predictor.run()
         return self.output_handle.copy_to_cpu()
+
+
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Silence C++ writes to stdout (fd 1), which Python's redirect_stdout cannot catch."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _feed_shape(model_file: Path, name: str) -> tuple:
+    # read the protobuf directly: Program.parse_from_string fails on some quantized programs
+    from paddle.base.proto import framework_pb2
+
+    desc = framework_pb2.ProgramDesc()
+    desc.ParseFromString(Path(model_file).read_bytes())
+    for var in desc.blocks[0].vars:
+        if var.name == name:
+            return tuple(int(v) if v > 0 else None for v in var.type.lod_tensor.tensor.dims)
+    raise ModelError(f"{model_file} declares no input variable {name!r}")
 
 
 def open_backend(path: str | Path, int8: bool = False, threads: Optional[int] = None) -> Backend:

@@ -1,0 +1,302 @@
+"""The `post_quant.py` job: ONNX -> Paddle -> calibrate -> INT8 Paddle model + QDQ ONNX.
+
+The deployable ONNX is not a paddle2onnx round trip (measured: it puts Q/DQ on the detection
+head and final concat and uses signed int8 activations that ONNX Runtime on x86 leaves in
+float). Instead the scales Paddle calibrated are written as Q/DQ pairs into the user's original
+ONNX graph, on Conv inputs, weights and outputs only; the decode subgraph stays float.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+
+from .config import Config, load_config, require, to_dict
+from .data import CocoDetection, ImageFolder, iterate_batches
+from .errors import ConfigError, DataError, ModelError
+from .fileio import staging_dir, write_json
+from .provenance import Timer, file_sha256, machine, package_versions
+from .runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles
+from .validator import preprocess_for
+
+log = logging.getLogger("yoloquant")
+
+PADDLE_MODEL = "model.pdmodel"
+PADDLE_PARAMS = "model.pdiparams"
+QDQ_ONNX = "model_int8.onnx"
+SUMMARY = "summary.json"
+
+
+# ---- calibration data ---------------------------------------------------------------------
+def calibration_set(cfg: Config, preprocess, count: int):
+    """The calibration images: the train split by default (the seed used val: a leak)."""
+    if cfg.PTQ.calib_split == "val":
+        log.warning("calibrating on the evaluation images (PTQ.calib_split: val): the reported "
+                    "mAP is then optimistic")
+        image_dir, anno = cfg.val_image_dir, cfg.val_anno_path
+    else:
+        image_dir, anno = cfg.train_image_dir, cfg.train_anno_path
+    if image_dir is None:
+        raise ConfigError(f"config: {'val' if cfg.PTQ.calib_split == 'val' else 'train'}_image_dir "
+                          "must name the calibration image folder")
+    image_dir = cfg.data_path(image_dir)
+    if anno is not None:
+        dataset = CocoDetection(image_dir, cfg.data_path(anno), preprocess)
+    else:
+        dataset = ImageFolder(image_dir, preprocess)
+    available = len(dataset)
+    if available < count:
+        log.warning("asked for %d calibration images but %s has %d: using %d", count, image_dir,
+                    available, available)
+    if isinstance(dataset, CocoDetection):
+        return CocoDetection(image_dir, cfg.data_path(anno), preprocess,
+                             max_images=min(count, available))
+    return ImageFolder(image_dir, preprocess, max_images=min(count, available))
+
+
+def load_images(dataset, workers: int) -> tuple[list[np.ndarray], list]:
+    tensors, names = [], []
+    for batch in iterate_batches(dataset, batch_size=1, workers=workers, desc="calibration images"):
+        tensors.extend(batch.images)
+        names.extend(batch.image_ids if batch.image_ids[0] is not None else batch.file_names)
+    if not tensors:
+        raise DataError("the calibration set is empty")
+    return tensors, names
+
+
+# ---- Paddle conv <-> ONNX Conv ------------------------------------------------------------
+def paddle_params(model_file: Path, params_file: Path, names) -> dict[str, np.ndarray]:
+    """Values of the named persistable variables of a Paddle inference model."""
+    import paddle
+
+    paddle.enable_static()
+    scope = paddle.static.Scope()
+    exe = paddle.static.Executor(paddle.CPUPlace())
+    with paddle.static.scope_guard(scope):
+        paddle.static.load_inference_model(str(model_file)[:-len(".pdmodel")], exe)
+        return {n: np.array(scope.find_var(n).get_tensor()) for n in names}
+
+
+def _weight_key(w: np.ndarray) -> tuple:
+    return (w.shape, np.round(w.astype(np.float64).ravel()[:64], 6).tobytes(),
+            round(float(np.abs(w).sum()), 3))
+
+
+def map_convs_to_onnx(model: onnx.ModelProto, paddle_weights: dict[str, np.ndarray]) -> dict[str, str]:
+    """Paddle weight name -> ONNX Conv node name, matched by weight content.
+
+    X2Paddle renames everything and may reorder convs, but it copies weights exactly, so a
+    weight's values identify its Conv in both graphs.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    by_key: dict[tuple, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in inits:
+            w = numpy_helper.to_array(inits[node.input[1]])
+            by_key.setdefault(_weight_key(w), []).append(node.name)
+    mapping = {}
+    for name, w in paddle_weights.items():
+        matches = by_key.get(_weight_key(w), [])
+        if len(matches) != 1:
+            raise ModelError(f"cannot match Paddle weight {name} {w.shape} to exactly one ONNX Conv "
+                             f"(found {len(matches)}); the conversion changed the weights")
+        mapping[name] = matches[0]
+    return mapping
+
+
+def conv_output_thresholds(onnx_model: onnx.ModelProto, conv_names: list[str],
+                           images: list[np.ndarray], input_name: str) -> dict[str, float]:
+    """Abs-max of each Conv's output over the calibration images (ONNX Runtime, float).
+
+    ONNX Runtime runs a Conv in int8 only when its output is requantized too; Paddle's PTQ
+    calibrates Conv inputs, not the X2Paddle conv+bias output, so these ranges are measured here.
+    """
+    import onnxruntime as ort
+
+    model = onnx.ModelProto()
+    model.CopyFrom(onnx_model)
+    outputs = {}
+    existing = {o.name for o in model.graph.output}
+    for node in model.graph.node:
+        if node.name in conv_names:
+            outputs[node.output[0]] = node.name
+            if node.output[0] not in existing:
+                model.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    names = list(outputs)
+    maxima = dict.fromkeys(names, 0.0)
+    for img in images:
+        values = session.run(names, {input_name: img[None]})
+        for n, v in zip(names, values):
+            maxima[n] = max(maxima[n], float(np.abs(v).max()))
+    return {outputs[n]: m for n, m in maxima.items()}
+
+
+# ---- the job ------------------------------------------------------------------------------
+@dataclass
+class PostQuantResult:
+    save_dir: Path
+    summary: dict
+    metrics: list = field(default_factory=list)
+
+
+def _ptq_settings(cfg: Config, algo: str):
+    from .calibration import PTQSettings
+
+    p = cfg.PTQ
+    return PTQSettings(algo=algo, hist_percent=p.hist_percent, batch_nums=p.batch_nums,
+                       batch_size=p.batch_size, quantizable_op_type=tuple(p.quantizable_op_type),
+                       weight_quantize_type=p.weight_quantize_type,
+                       activation_quantize_type="range_abs_max"
+                       if p.activation_quantize_type == "moving_average_abs_max"
+                       else p.activation_quantize_type,
+                       is_full_quantize=p.is_full_quantize, onnx_format=p.onnx_format,
+                       bias_correction=p.bias_correction,
+                       skip_tensor_list=tuple(cfg.skip_tensor_list) if cfg.skip_tensor_list else None)
+
+
+def check_skip_list(skip: Optional[list], known: list[str]) -> None:
+    import difflib
+
+    for name in skip or []:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(known[:3])}"
+            raise ConfigError(f"skip_tensor_list names {name!r}, which is not a quantizable weight "
+                              f"of this model ({hint})")
+
+
+def quantize(cfg: Config, save_dir: str | Path, algo: Optional[str] = None,
+             activation_type: str = "uint8") -> PostQuantResult:
+    """Run the whole PTQ job and write its outputs atomically into save_dir."""
+    from .calibration import calibration_loader, run_ptq
+    from .convert import convert_onnx_to_paddle
+    from .qdq import ConvQuantParams, insert_qdq
+
+    require(cfg, "model_dir")
+    algo = algo or cfg.PTQ.algo
+    timer = Timer()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    probe = OnnxRuntimeBackend(cfg.model_dir)
+    preprocess = preprocess_for(cfg, probe.input_shape)
+    count = cfg.PTQ.batch_nums * cfg.PTQ.batch_size
+    calib = calibration_set(cfg, preprocess, count)
+    with timer("load_calibration_images"):
+        images, image_ids = load_images(calib, cfg.workers)
+    log.info("calibrating on %d images from %s", len(images), calib.image_dir)
+
+    with timer("convert"):
+        first = Path(calib.image_dir) / calib.file_names[0]
+        converted = convert_onnx_to_paddle(cfg.model_dir, cache_dir=cfg.cache_dir,
+                                           verify_image=str(first), tolerance=cfg.verify_tolerance)
+    settings = _ptq_settings(cfg, algo)
+
+    with staging_dir(save_dir) as stage:
+        with timer("ptq"):
+            loader = calibration_loader(images, converted.paddle_input_name, cfg.PTQ.batch_size)
+            # skip names are checked against the model's conv weights before the long run
+            import paddle
+
+            paddle.enable_static()
+            weights_all = _conv_weight_names(converted.model_file)
+            check_skip_list(cfg.skip_tensor_list, weights_all)
+            result = run_ptq(settings, loader, str(converted.model_dir), converted.model_file.name,
+                             converted.params_file.name, str(stage),
+                             save_model_filename=PADDLE_MODEL)
+        with timer("onnx_export"):
+            onnx_model = onnx.load(cfg.model_dir)
+            conv_ops = [op for op in result.quantized_ops
+                        if op.op_type in ("conv2d", "depthwise_conv2d") and op.weights]
+            weights = paddle_params(converted.model_file, converted.params_file,
+                                    [op.weights[0] for op in conv_ops])
+            to_onnx = map_convs_to_onnx(onnx_model, weights)
+            out_thresholds = conv_output_thresholds(onnx_model, list(to_onnx.values()), images,
+                                                    converted.onnx_input_name)
+            params = []
+            for op in conv_ops:
+                w_name, x_name = op.weights[0], op.inputs[0]
+                node = to_onnx[w_name]
+                params.append(ConvQuantParams(
+                    node_name=node,
+                    input_threshold=float(result.thresholds[x_name]),
+                    weight_thresholds=np.asarray(result.thresholds[w_name], dtype=np.float64),
+                    output_threshold=out_thresholds[node]))
+            qdq_model = insert_qdq(onnx_model, params, activation_type=activation_type)
+            onnx.save(qdq_model, str(stage / QDQ_ONNX))
+        quantized = sorted(p.node_name for p in params)
+        float_nodes = [n.name for n in onnx_model.graph.node if n.name not in set(quantized)]
+        summary = {
+            "command": "post_quant",
+            "started": started,
+            "config": to_dict(cfg),
+            "model": {"path": cfg.model_dir, "sha256": converted.sha256,
+                      "input": converted.onnx_input_name, "input_shape": list(converted.input_shape),
+                      "paddle_conversion_max_abs_diff": converted.max_abs_diff,
+                      "onnx_rewrites": converted.normalize_counts},
+            "algorithm": algo,
+            "activation_type": activation_type,
+            "calibration": {"images": len(images), "split": cfg.PTQ.calib_split,
+                            "image_dir": str(calib.image_dir), "image_ids": image_ids},
+            "quantized": {"onnx_conv_nodes": quantized,
+                          "paddle_weights": sorted(w for w in to_onnx),
+                          "skipped_by_user": list(cfg.skip_tensor_list or [])},
+            "kept_float": {"onnx_nodes": len(float_nodes),
+                           "op_types": sorted({n.op_type for n in onnx_model.graph.node
+                                               if n.name not in set(quantized)})},
+            "outputs": {"paddle_model": PADDLE_MODEL, "paddle_params": PADDLE_PARAMS,
+                        "qdq_onnx": QDQ_ONNX},
+            "versions": package_versions(),
+            "machine": machine(),
+            "seconds": timer.seconds,
+        }
+        write_json(stage / SUMMARY, summary)
+    log.info("saved the INT8 Paddle model, %s and %s in %s", QDQ_ONNX, SUMMARY, save_dir)
+    return PostQuantResult(Path(save_dir), summary)
+
+
+def _conv_weight_names(model_file: Path) -> list[str]:
+    import paddle
+
+    with open(model_file, "rb") as f:
+        program = paddle.static.Program.parse_from_string(f.read())
+    return [op.input("Filter")[0] for op in program.global_block().ops
+            if op.type in ("conv2d", "depthwise_conv2d")]
+
+
+def post_quant_command(config_path: str, save_dir: str, algo: Optional[str] = None,
+                       device: str = "cpu", evaluate: bool = False,
+                       max_images: Optional[int] = None) -> PostQuantResult:
+    from .cli import check_device
+    from .evaluate import evaluate_backend, evaluate_saved, format_table
+
+    check_device(device)
+    cfg = load_config(config_path)
+    if algo:
+        cfg.PTQ.algo = algo
+    result = quantize(cfg, save_dir)
+    if evaluate:
+        fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images)
+        fp32.model = "FP32 " + Path(cfg.model_dir).name
+        rows = [fp32] + evaluate_saved(cfg, save_dir, max_images)
+        result.metrics = rows
+        result.summary["metrics"] = [r.as_dict() for r in rows]
+        write_json(Path(save_dir) / SUMMARY, result.summary)
+        print(format_table(rows))
+        ptq_s = result.summary["seconds"].get("ptq", 0.0)
+        for r in rows[1:]:
+            print(f"INT8 {r.runtime}: mAP@0.5:0.95 {r.map50_95:.4f} "
+                  f"({(r.map50_95 - fp32.map50_95) * 100:+.2f} points vs FP32 {fp32.map50_95:.4f})")
+        print(f"PTQ ({result.summary['algorithm']}, {result.summary['calibration']['images']} "
+              f"images): {ptq_s:.1f} s")
+    return result
