@@ -22,7 +22,7 @@ def convert_for(cfg: Config, dataset=None):
     require(cfg, "model_dir")
     verify_image = None
     if dataset is not None and len(dataset):
-        verify_image = str(Path(dataset.image_dir) / dataset.file_names[0])
+        verify_image = dataset.load(0).tensor[None]  # a real image, preprocessed as in eval
     return convert_onnx_to_paddle(cfg.model_dir, cache_dir=cfg.cache_dir, verify_image=verify_image,
                                   tolerance=cfg.verify_tolerance)
 

@@ -197,9 +197,10 @@ def quantize(cfg: Config, save_dir: str | Path, algo: Optional[str] = None,
     log.info("calibrating on %d images from %s", len(images), calib.image_dir)
 
     with timer("convert"):
-        first = Path(calib.image_dir) / calib.file_names[0]
+        # verify the conversion on a real, correctly preprocessed calibration image
         converted = convert_onnx_to_paddle(cfg.model_dir, cache_dir=cfg.cache_dir,
-                                           verify_image=str(first), tolerance=cfg.verify_tolerance)
+                                           verify_image=images[0][None],
+                                           tolerance=cfg.verify_tolerance)
     settings = _ptq_settings(cfg, algo)
 
     with staging_dir(save_dir) as stage:
