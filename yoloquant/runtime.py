@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
@@ -100,7 +101,7 @@ class PaddleInferenceBackend:
         if int8:
             config.enable_mkldnn_int8(set(INT8_OP_TYPES))
         try:
-            with _quiet_stdout():  # the oneDNN int8 passes print every fusion to stdout
+            with _quiet_native_output():  # the oneDNN int8 passes print every fusion to stdout
                 self.predictor = inference.create_predictor(config)
         except Exception as exc:  # paddle raises its own enforce errors for unreadable programs
             raise ModelError(f"Paddle Inference cannot load {files.model_file}: {exc}") from exc
@@ -121,18 +122,28 @@ class PaddleInferenceBackend:
 
 
 @contextlib.contextmanager
-def _quiet_stdout():
-    """Silence C++ writes to stdout (fd 1), which Python's redirect_stdout cannot catch."""
+def _quiet_native_output():
+    """Silence C++ writes to stdout/stderr (fds 1 and 2), which redirect_stdout cannot catch.
+
+    What was written is kept and attached to the error if the block fails.
+    """
     sys.stdout.flush()
-    saved = os.dup(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        os.close(devnull)
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as sink:
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            yield
+        except Exception as exc:
+            sink.seek(0)
+            exc.add_note(sink.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
 
 
 def _feed_shape(model_file: Path, name: str) -> tuple:

@@ -1,0 +1,195 @@
+"""post_quant: the whole job on a tiny synthetic model (always) and on real yolov5n (assets)."""
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from yoloquant.assets import asset, have_assets
+from yoloquant.config import config_from_dict, load_config
+from yoloquant.errors import ConfigError, DataError, ModelError
+from yoloquant.ptq import (QDQ_ONNX, SUMMARY, check_skip_list, map_convs_to_onnx, quantize)
+from yoloquant.runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_assets = pytest.mark.skipif(not have_assets(), reason="real assets not found "
+                                  "(set YOLOQUANT_ASSETS or put them in ../shared/assets)")
+
+
+def tiny_yolo_onnx(path: Path, seed: int = 0) -> None:
+    """Conv-SiLU-Conv-SiLU-Conv head reshaped to a [1, N, 5+C] detection layout."""
+    rng = np.random.default_rng(seed)
+    c = 2 + 5  # 2 classes
+
+    def conv(name, x, cin, cout, k, stride=1):
+        w = numpy_helper.from_array((rng.standard_normal((cout, cin, k, k)) * 0.3).astype(np.float32), f"{name}.w")
+        b = numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"{name}.b")
+        node = helper.make_node("Conv", [x, w.name, b.name], [f"{name}.out"], name=name,
+                                kernel_shape=[k, k], pads=[k // 2] * 4, strides=[stride, stride])
+        return node, [w, b], f"{name}.out"
+
+    nodes, inits = [], []
+    x = "images"
+    for i, (cin, cout, s) in enumerate([(3, 8, 2), (8, 16, 2)]):
+        n, w, y = conv(f"conv{i}", x, cin, cout, 3, s)
+        sig = helper.make_node("Sigmoid", [y], [f"sig{i}"], name=f"sig{i}")
+        mul = helper.make_node("Mul", [y, f"sig{i}"], [f"act{i}"], name=f"mul{i}")
+        nodes += [n, sig, mul]
+        inits += w
+        x = f"act{i}"
+    n, w, y = conv("head", x, 16, c, 1)
+    nodes.append(n)
+    inits += w
+    shape = numpy_helper.from_array(np.array([1, c, -1], dtype=np.int64), "shape")
+    inits.append(shape)
+    nodes += [helper.make_node("Reshape", [y, "shape"], ["r"], name="reshape"),
+              helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1], name="transpose"),
+              helper.make_node("Sigmoid", ["t"], ["output"], name="decode")]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 256, c])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_yolo_onnx(root / "tiny.onnx")
+    images = root / "calib"
+    images.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        cv2.imwrite(str(images / f"img{i}.jpg"), rng.integers(0, 255, (48 + 8 * i, 80, 3), dtype=np.uint8))
+    raw = {"model_dir": str(root / "tiny.onnx"), "dataset_dir": str(root), "train_image_dir": "calib",
+           "cache_dir": str(root / "cache"), "PTQ": {"algo": "avg", "batch_nums": 4}}
+    return root, raw
+
+
+def test_tiny_model_end_to_end(tiny_setup):
+    root, raw = tiny_setup
+    cfg = config_from_dict(raw)
+    out = root / "out"
+    result = quantize(cfg, out)
+    summary = json.loads((out / SUMMARY).read_text())
+    assert summary["calibration"]["images"] == 4 and summary["algorithm"] == "avg"
+    assert sorted(summary["quantized"]["onnx_conv_nodes"]) == ["conv0", "conv1", "head"]
+    assert {"Sigmoid", "Reshape", "Transpose"} <= set(summary["kept_float"]["op_types"])
+    assert summary["versions"]["paddlepaddle"] == "2.6.2"
+    assert result.summary["seconds"]["ptq"] > 0
+    # the QDQ ONNX: int8 weights, Q/DQ only around convs, runs and stays close to float
+    qdq = onnx.load(str(out / QDQ_ONNX))
+    types = {n.op_type for n in qdq.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= types
+    for node in qdq.graph.node:
+        if node.op_type == "QuantizeLinear":
+            consumers = [n.op_type for n in qdq.graph.node if node.output[0] in n.input]
+            assert consumers == ["DequantizeLinear"]
+    x = np.random.default_rng(2).random((1, 3, 64, 64), dtype=np.float32)
+    ref = OnnxRuntimeBackend(root / "tiny.onnx")(x)
+    got = OnnxRuntimeBackend(out / QDQ_ONNX)(x)
+    assert got.shape == ref.shape and np.abs(got - ref).mean() < 0.02
+    # the Paddle model runs in oneDNN int8; the QDQ ONNX reproduces it (ORT also requantizes
+    # conv outputs, hence not bit-exact)
+    paddle_int8 = PaddleInferenceBackend(PaddleModelFiles.find(out), int8=True)(x)
+    assert np.abs(paddle_int8 - ref).mean() < 0.02
+    assert np.abs(got - paddle_int8).mean() < 0.01
+
+
+def test_failed_run_keeps_earlier_outputs(tiny_setup):
+    root, raw = tiny_setup
+    out = root / "keep"
+    out.mkdir()
+    (out / SUMMARY).write_text('{"earlier": true}')
+    bad = dict(raw, skip_tensor_list=["conv2d_9.w_0"])
+    with pytest.raises(ConfigError, match="skip_tensor_list names 'conv2d_9.w_0'.*closest"):
+        quantize(config_from_dict(bad), out)
+    assert (out / SUMMARY).read_text() == '{"earlier": true}'
+    assert not any(p.name.startswith(".keep.staging") for p in root.iterdir())
+
+
+def test_fewer_calibration_images_than_asked_warns_and_uses_them(tiny_setup, caplog):
+    root, raw = tiny_setup
+    cfg = config_from_dict(dict(raw, PTQ={"algo": "abs_max", "batch_nums": 50}))
+    result = quantize(cfg, root / "few")
+    assert result.summary["calibration"]["images"] == 6
+    assert "asked for 50 calibration images" in caplog.text
+
+
+def test_empty_calibration_folder_is_an_error(tiny_setup, tmp_path):
+    root, raw = tiny_setup
+    (tmp_path / "empty").mkdir()
+    cfg = config_from_dict(dict(raw, dataset_dir=str(tmp_path), train_image_dir="empty"))
+    with pytest.raises(DataError):
+        quantize(cfg, tmp_path / "out")
+
+
+def test_unwritable_save_dir(tiny_setup, tmp_path):
+    if os.geteuid() == 0:
+        target = Path("/proc/yoloquant-out")  # root can write anywhere but /proc
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        target = ro / "out"
+    root, raw = tiny_setup
+    with pytest.raises(ConfigError, match="not writable"):
+        quantize(config_from_dict(raw), target)
+
+
+def test_unknown_algorithm_lists_valid_ones():
+    with pytest.raises(ConfigError, match="choose one of KL, hist, avg"):
+        config_from_dict({"PTQ": {"algo": "percentile"}})
+
+
+def test_skip_list_names_closest_real_tensor():
+    with pytest.raises(ConfigError, match="conv2d_12.w_0"):
+        check_skip_list(["conv2d_12.w0"], ["conv2d_1.w_0", "conv2d_12.w_0"])
+    check_skip_list(["conv2d_1.w_0"], ["conv2d_1.w_0"])
+
+
+def test_conv_matching_is_by_weight_content(tmp_path):
+    tiny_yolo_onnx(tmp_path / "m.onnx")
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    weights = {"conv2d_1.w_0": inits["conv0.w"], "conv2d_0.w_0": inits["head.w"]}
+    assert map_convs_to_onnx(model, weights) == {"conv2d_1.w_0": "conv0", "conv2d_0.w_0": "head"}
+    with pytest.raises(ModelError, match="cannot match"):
+        map_convs_to_onnx(model, {"x": inits["conv0.w"] + 1.0})
+
+
+# ---- real model ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def yolov5n_fp32():
+    from yoloquant.evaluate import evaluate_backend
+
+    cfg = load_config(ROOT / "configs" / "yolov5n_coco_mini.yaml")
+    return evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir))
+
+
+@needs_assets
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["avg", "KL"])
+def test_yolov5n_int8_keeps_accuracy_in_both_runtimes(algo, yolov5n_fp32, tmp_path):
+    from yoloquant.evaluate import evaluate_saved
+
+    cfg = load_config(ROOT / "configs" / "yolov5n_coco_mini.yaml")
+    assert cfg.PTQ.batch_nums * cfg.PTQ.batch_size == 32
+    cfg.PTQ.algo = algo
+    result = quantize(cfg, tmp_path)
+    assert result.summary["calibration"]["images"] == 32
+    assert len(result.summary["quantized"]["onnx_conv_nodes"]) == 60
+    rows = {r.runtime: r for r in evaluate_saved(cfg, str(tmp_path))}
+    paddle_int8 = rows["paddle-inference(onednn-int8)"].map50_95
+    onnx_int8 = rows["onnxruntime"].map50_95
+    fp32 = yolov5n_fp32.map50_95
+    print(f"{algo}: fp32 {fp32:.4f} paddle-int8 {paddle_int8:.4f} onnx-int8 {onnx_int8:.4f} "
+          f"ptq {result.summary['seconds']['ptq']} s")
+    assert abs(fp32 - 0.3087) < 0.002  # the reference measured for the float model
+    assert abs(onnx_int8 - paddle_int8) <= 0.005
+    assert fp32 - onnx_int8 <= 0.02 and fp32 - paddle_int8 <= 0.02
