@@ -113,3 +113,9 @@ def test_reference_table_documents_every_key():
         if name not in ("config_path", "PTQ"):
             assert f"`{name}`" in table
     assert "`PTQ.hist_percent`" in table
+
+
+def test_readme_key_table_is_current():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = readme.split("<!-- keys -->\n", 1)[1].split("<!-- /keys -->", 1)[0].strip()
+    assert table == reference_table().strip()

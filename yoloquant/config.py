@@ -117,7 +117,7 @@ class Config:
     cache_dir: Optional[str] = _key(None, "X2Paddle conversion cache; null: $YOLOQUANT_CACHE or "
                                     "./cache/x2paddle")
     verify_tolerance: float = _key(1e-3, "max difference allowed between the ONNX model and its "
-                                   "Paddle conversion, relative to max(1, |value|)")
+                                   "Paddle conversion, relative to max(1, abs(value))")
 
     config_path: Optional[str] = field(default=None, metadata={"internal": True})
 
