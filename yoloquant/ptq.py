@@ -177,102 +177,139 @@ def check_skip_list(skip: Optional[list], known: list[str]) -> None:
                               f"of this model ({hint})")
 
 
-def quantize(cfg: Config, save_dir: str | Path, algo: Optional[str] = None,
-             activation_type: str = "uint8") -> PostQuantResult:
-    """Run the whole PTQ job and write its outputs atomically into save_dir."""
+@dataclass
+class Calibration:
+    """Everything one calibration run learned, reusable for any subset of quantized convs."""
+
+    cfg: Config
+    algo: str
+    converted: object  # convert.ConvertedModel
+    ptq: object  # calibration.PTQResult (its Paddle model lives in the run's work folder)
+    onnx_model: onnx.ModelProto
+    conv_params: list  # qdq.ConvQuantParams, one per quantized ONNX Conv, in Paddle order
+    paddle_to_onnx: dict  # Paddle weight name -> ONNX Conv node name
+    images: list
+    image_ids: list
+    image_dir: str
+    timer: Timer
+
+    def onnx_to_paddle(self) -> dict:
+        return {v: k for k, v in self.paddle_to_onnx.items()}
+
+
+def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
+              timer: Optional[Timer] = None) -> Calibration:
+    """Convert, calibrate with Paddle's (fixed) PTQ into work_dir, and map scales to ONNX Convs."""
     from .calibration import calibration_loader, run_ptq
     from .convert import convert_onnx_to_paddle
-    from .qdq import ConvQuantParams, insert_qdq
+    from .qdq import ConvQuantParams
 
     require(cfg, "model_dir")
     algo = algo or cfg.PTQ.algo
-    timer = Timer()
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    timer = timer or Timer()
     probe = OnnxRuntimeBackend(cfg.model_dir)
     preprocess = preprocess_for(cfg, probe.input_shape)
-    count = cfg.PTQ.batch_nums * cfg.PTQ.batch_size
-    calib = calibration_set(cfg, preprocess, count)
+    calib = calibration_set(cfg, preprocess, cfg.PTQ.batch_nums * cfg.PTQ.batch_size)
     with timer("load_calibration_images"):
         images, image_ids = load_images(calib, cfg.workers)
     log.info("calibrating on %d images from %s", len(images), calib.image_dir)
-
     with timer("convert"):
         # verify the conversion on a real, correctly preprocessed calibration image
         converted = convert_onnx_to_paddle(cfg.model_dir, cache_dir=cfg.cache_dir,
                                            verify_image=images[0][None],
                                            tolerance=cfg.verify_tolerance)
-    settings = _ptq_settings(cfg, algo)
+    check_skip_list(cfg.skip_tensor_list, _conv_weight_names(converted.model_file))
+    with timer("ptq"):
+        loader = calibration_loader(images, converted.paddle_input_name, cfg.PTQ.batch_size)
+        result = run_ptq(_ptq_settings(cfg, algo), loader, str(converted.model_dir),
+                         converted.model_file.name, converted.params_file.name, str(work_dir),
+                         save_model_filename=PADDLE_MODEL)
+    with timer("onnx_scales"):
+        onnx_model = onnx.load(cfg.model_dir)
+        conv_ops = [op for op in result.quantized_ops
+                    if op.op_type in ("conv2d", "depthwise_conv2d") and op.weights]
+        weights = paddle_params(converted.model_file, converted.params_file,
+                                [op.weights[0] for op in conv_ops])
+        to_onnx = map_convs_to_onnx(onnx_model, weights)
+        out_thresholds = conv_output_thresholds(onnx_model, list(to_onnx.values()), images,
+                                                converted.onnx_input_name)
+        params = [ConvQuantParams(
+            node_name=to_onnx[op.weights[0]],
+            input_threshold=float(result.thresholds[op.inputs[0]]),
+            weight_thresholds=np.asarray(result.thresholds[op.weights[0]], dtype=np.float64),
+            output_threshold=out_thresholds[to_onnx[op.weights[0]]]) for op in conv_ops]
+    return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,
+                       image_ids, str(calib.image_dir), timer)
 
+
+def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8") -> onnx.ModelProto:
+    """The original ONNX graph with every calibrated Conv quantized except `float_nodes`."""
+    from .qdq import insert_qdq
+
+    keep = set(float_nodes)
+    return insert_qdq(cal.onnx_model, [p for p in cal.conv_params if p.node_name not in keep],
+                      activation_type=activation_type)
+
+
+def run_summary(cal: Calibration, activation_type: str, started: str, command: str,
+                float_nodes=()) -> dict:
+    cfg, converted = cal.cfg, cal.converted
+    quantized = sorted(p.node_name for p in cal.conv_params if p.node_name not in set(float_nodes))
+    kept = [n for n in cal.onnx_model.graph.node if n.name not in set(quantized)]
+    return {
+        "command": command,
+        "started": started,
+        "config": to_dict(cfg),
+        "model": {"path": cfg.model_dir, "sha256": converted.sha256,
+                  "input": converted.onnx_input_name, "input_shape": list(converted.input_shape),
+                  "paddle_conversion_max_abs_diff": converted.max_abs_diff,
+                  "onnx_rewrites": converted.normalize_counts},
+        "algorithm": cal.algo,
+        "activation_type": activation_type,
+        "calibration": {"images": len(cal.images), "split": cfg.PTQ.calib_split,
+                        "image_dir": cal.image_dir, "image_ids": cal.image_ids},
+        "quantized": {"onnx_conv_nodes": quantized,
+                      "paddle_weights": sorted(w for w, n in cal.paddle_to_onnx.items()
+                                               if n in set(quantized)),
+                      "skipped_by_user": list(cfg.skip_tensor_list or [])},
+        "kept_float": {"onnx_nodes": len(kept),
+                       "conv_nodes": sorted(n.name for n in kept if n.op_type == "Conv"),
+                       "op_types": sorted({n.op_type for n in kept})},
+        "outputs": {"paddle_model": PADDLE_MODEL, "paddle_params": PADDLE_PARAMS,
+                    "qdq_onnx": QDQ_ONNX},
+        "versions": package_versions(),
+        "machine": machine(),
+        "seconds": cal.timer.seconds,
+    }
+
+
+def quantize(cfg: Config, save_dir: str | Path, algo: Optional[str] = None,
+             activation_type: str = "uint8") -> PostQuantResult:
+    """Run the whole PTQ job and write its outputs atomically into save_dir."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with staging_dir(save_dir) as stage:
-        with timer("ptq"):
-            loader = calibration_loader(images, converted.paddle_input_name, cfg.PTQ.batch_size)
-            # skip names are checked against the model's conv weights before the long run
-            import paddle
-
-            paddle.enable_static()
-            weights_all = _conv_weight_names(converted.model_file)
-            check_skip_list(cfg.skip_tensor_list, weights_all)
-            result = run_ptq(settings, loader, str(converted.model_dir), converted.model_file.name,
-                             converted.params_file.name, str(stage),
-                             save_model_filename=PADDLE_MODEL)
-        with timer("onnx_export"):
-            onnx_model = onnx.load(cfg.model_dir)
-            conv_ops = [op for op in result.quantized_ops
-                        if op.op_type in ("conv2d", "depthwise_conv2d") and op.weights]
-            weights = paddle_params(converted.model_file, converted.params_file,
-                                    [op.weights[0] for op in conv_ops])
-            to_onnx = map_convs_to_onnx(onnx_model, weights)
-            out_thresholds = conv_output_thresholds(onnx_model, list(to_onnx.values()), images,
-                                                    converted.onnx_input_name)
-            params = []
-            for op in conv_ops:
-                w_name, x_name = op.weights[0], op.inputs[0]
-                node = to_onnx[w_name]
-                params.append(ConvQuantParams(
-                    node_name=node,
-                    input_threshold=float(result.thresholds[x_name]),
-                    weight_thresholds=np.asarray(result.thresholds[w_name], dtype=np.float64),
-                    output_threshold=out_thresholds[node]))
-            qdq_model = insert_qdq(onnx_model, params, activation_type=activation_type)
-            onnx.save(qdq_model, str(stage / QDQ_ONNX))
-        quantized = sorted(p.node_name for p in params)
-        float_nodes = [n.name for n in onnx_model.graph.node if n.name not in set(quantized)]
-        summary = {
-            "command": "post_quant",
-            "started": started,
-            "config": to_dict(cfg),
-            "model": {"path": cfg.model_dir, "sha256": converted.sha256,
-                      "input": converted.onnx_input_name, "input_shape": list(converted.input_shape),
-                      "paddle_conversion_max_abs_diff": converted.max_abs_diff,
-                      "onnx_rewrites": converted.normalize_counts},
-            "algorithm": algo,
-            "activation_type": activation_type,
-            "calibration": {"images": len(images), "split": cfg.PTQ.calib_split,
-                            "image_dir": str(calib.image_dir), "image_ids": image_ids},
-            "quantized": {"onnx_conv_nodes": quantized,
-                          "paddle_weights": sorted(w for w in to_onnx),
-                          "skipped_by_user": list(cfg.skip_tensor_list or [])},
-            "kept_float": {"onnx_nodes": len(float_nodes),
-                           "op_types": sorted({n.op_type for n in onnx_model.graph.node
-                                               if n.name not in set(quantized)})},
-            "outputs": {"paddle_model": PADDLE_MODEL, "paddle_params": PADDLE_PARAMS,
-                        "qdq_onnx": QDQ_ONNX},
-            "versions": package_versions(),
-            "machine": machine(),
-            "seconds": timer.seconds,
-        }
+        cal = calibrate(cfg, stage, algo)
+        skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or [])
+                   if w in cal.paddle_to_onnx}
+        with cal.timer("onnx_export"):
+            onnx.save(build_qdq(cal, skipped, activation_type), str(stage / QDQ_ONNX))
+        summary = run_summary(cal, activation_type, started, "post_quant", float_nodes=skipped)
         write_json(stage / SUMMARY, summary)
     log.info("saved the INT8 Paddle model, %s and %s in %s", QDQ_ONNX, SUMMARY, save_dir)
     return PostQuantResult(Path(save_dir), summary)
 
 
 def _conv_weight_names(model_file: Path) -> list[str]:
-    import paddle
+    """Filter names of the conv ops, read from the program's protobuf (no static-mode needed)."""
+    from paddle.base.proto import framework_pb2
 
-    with open(model_file, "rb") as f:
-        program = paddle.static.Program.parse_from_string(f.read())
-    return [op.input("Filter")[0] for op in program.global_block().ops
-            if op.type in ("conv2d", "depthwise_conv2d")]
+    desc = framework_pb2.ProgramDesc()
+    desc.ParseFromString(Path(model_file).read_bytes())
+    names = []
+    for op in desc.blocks[0].ops:
+        if op.type in ("conv2d", "depthwise_conv2d"):
+            names += [a for var in op.inputs if var.parameter == "Filter" for a in var.arguments]
+    return names
 
 
 def post_quant_command(config_path: str, save_dir: str, algo: Optional[str] = None,
