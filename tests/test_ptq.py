@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from yoloquant.assets import asset, have_assets
 from yoloquant.config import config_from_dict, load_config
 from yoloquant.errors import ConfigError, DataError, ModelError
-from yoloquant.ptq import (QDQ_ONNX, SUMMARY, check_skip_list, map_convs_to_onnx, quantize)
+from yoloquant.ptq import (QDQ_ONNX, SUMMARY, check_skip_list, map_convs_to_onnx, quantize,
+                           upgrade_opset)
 from yoloquant.runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,7 +21,7 @@ needs_assets = pytest.mark.skipif(not have_assets(), reason="real assets not fou
                                   "(set YOLOQUANT_ASSETS or put them in ../shared/assets)")
 
 
-def tiny_yolo_onnx(path: Path, seed: int = 0) -> None:
+def tiny_yolo_onnx(path: Path, seed: int = 0, opset: int = 13) -> None:
     """Conv-SiLU-Conv-SiLU-Conv head reshaped to a [1, N, 5+C] detection layout."""
     rng = np.random.default_rng(seed)
     c = 2 + 5  # 2 classes
@@ -51,7 +52,7 @@ def tiny_yolo_onnx(path: Path, seed: int = 0) -> None:
               helper.make_node("Sigmoid", ["t"], ["output"], name="decode")]
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 64, 64])],
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 256, c])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
@@ -193,3 +194,15 @@ def test_yolov5n_int8_keeps_accuracy_in_both_runtimes(algo, yolov5n_fp32, tmp_pa
     assert abs(fp32 - 0.3087) < 0.002  # the reference measured for the float model
     assert abs(onnx_int8 - paddle_int8) <= 0.005
     assert fp32 - onnx_int8 <= 0.02 and fp32 - paddle_int8 <= 0.02
+
+
+def test_old_opset_is_upgraded_exactly(tmp_path):
+    """YOLOX's official export is opset 11; per-channel Q/DQ need 13."""
+    tiny_yolo_onnx(tmp_path / "m11.onnx", opset=11)
+    model = onnx.load(str(tmp_path / "m11.onnx"))
+    x = np.random.default_rng(3).random((1, 3, 64, 64), dtype=np.float32)
+    upgraded = upgrade_opset(model, x, "images")
+    assert [o.version for o in upgraded.opset_import if o.domain == ""] == [13]
+    onnx.save(upgraded, str(tmp_path / "m13.onnx"))
+    np.testing.assert_allclose(OnnxRuntimeBackend(tmp_path / "m13.onnx")(x),
+                               OnnxRuntimeBackend(tmp_path / "m11.onnx")(x), rtol=1e-6, atol=1e-6)

@@ -112,6 +112,36 @@ def map_convs_to_onnx(model: onnx.ModelProto, paddle_weights: dict[str, np.ndarr
     return mapping
 
 
+def upgrade_opset(model: onnx.ModelProto, sample: np.ndarray, input_name: str,
+                  target: int = 13) -> onnx.ModelProto:
+    """Per-channel Q/DQ need opset 13: convert older graphs (e.g. YOLOX's opset 11), checked.
+
+    The converted graph must give the same output as the original on a real image.
+    """
+    import onnxruntime as ort
+    from onnx import version_converter
+
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= target:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, target)
+    except Exception as exc:  # the converter raises plain RuntimeErrors for unsupported ops
+        raise ModelError(f"cannot convert the model from ONNX opset {opset} to {target} (needed for "
+                         f"per-channel quantization): {exc}; re-export it with opset {target}") from exc
+    outputs = []
+    for m in (model, upgraded):
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {input_name: sample}))
+    for a, b in zip(*outputs):
+        if not np.allclose(a, b, rtol=1e-5, atol=1e-5):
+            raise ModelError(f"converting the model from opset {opset} to {target} changed its "
+                             f"output (max diff {np.abs(a - b).max():.3g}); re-export it with opset {target}")
+    log.info("converted the ONNX graph from opset %d to %d for per-channel Q/DQ (outputs unchanged)",
+             opset, target)
+    return upgraded
+
+
 def conv_output_thresholds(onnx_model: onnx.ModelProto, conv_names: list[str],
                            images: list[np.ndarray], input_name: str) -> dict[str, float]:
     """Abs-max of each Conv's output over the calibration images (ONNX Runtime, float).
@@ -225,7 +255,8 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                          converted.model_file.name, converted.params_file.name, str(work_dir),
                          save_model_filename=PADDLE_MODEL)
     with timer("onnx_scales"):
-        onnx_model = onnx.load(cfg.model_dir)
+        onnx_model = upgrade_opset(onnx.load(cfg.model_dir), images[0][None],
+                                   converted.onnx_input_name)
         conv_ops = [op for op in result.quantized_ops
                     if op.op_type in ("conv2d", "depthwise_conv2d") and op.weights]
         weights = paddle_params(converted.model_file, converted.params_file,

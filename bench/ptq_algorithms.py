@@ -1,0 +1,65 @@
+"""Benchmark: every PTQ algorithm on one model, mAP of both deployed INT8 artifacts + PTQ time.
+
+  python bench/ptq_algorithms.py --config_path configs/yolov5n_coco_mini.yaml --out bench/results
+
+Prints a Markdown table and writes it with a JSON copy to --out. Timings are wall time on this
+machine (note its load); compare rows of one run, not runs of different days.
+"""
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from yoloquant.cli import setup_logging  # noqa: E402
+from yoloquant.config import PTQ_ALGOS, load_config  # noqa: E402
+from yoloquant.evaluate import evaluate_backend, evaluate_saved  # noqa: E402
+from yoloquant.fileio import write_json  # noqa: E402
+from yoloquant.provenance import machine, package_versions  # noqa: E402
+from yoloquant.ptq import quantize  # noqa: E402
+from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_path", default="configs/yolov5n_coco_mini.yaml")
+    parser.add_argument("--algos", nargs="+", default=list(PTQ_ALGOS), choices=PTQ_ALGOS)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    setup_logging()
+    cfg = load_config(args.config_path)
+    fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir))
+    rows = []
+    for algo in args.algos:
+        cfg.PTQ.algo = algo
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            result = quantize(cfg, tmp)
+            total = time.perf_counter() - start
+            metrics = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, tmp)}
+        rows.append({"algo": algo, "paddle_int8": metrics["paddle-inference(onednn-int8)"],
+                     "onnx_int8": metrics["onnxruntime"], "ptq_seconds": result.summary["seconds"]["ptq"],
+                     "job_seconds": round(total, 1), "calibration_images": result.summary["calibration"]["images"]})
+        print(rows[-1], flush=True)
+    lines = [f"FP32 (ONNX Runtime): mAP@0.5:0.95 {fp32.map50_95:.4f} on {fp32.images} images; "
+             f"calibration: {rows[0]['calibration_images']} images",
+             "", "| algo | Paddle oneDNN int8 | QDQ ONNX (ORT) | PTQ s | whole job s |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['algo']} | {r['paddle_int8']:.4f} ({(r['paddle_int8'] - fp32.map50_95) * 100:+.2f}) "
+                     f"| {r['onnx_int8']:.4f} ({(r['onnx_int8'] - fp32.map50_95) * 100:+.2f}) "
+                     f"| {r['ptq_seconds']:.1f} | {r['job_seconds']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(args.config_path).stem
+    (out / f"ptq_algorithms_{name}.md").write_text(table + "\n")
+    write_json(out / f"ptq_algorithms_{name}.json", {"fp32": fp32.as_dict(), "rows": rows,
+                                                      "versions": package_versions(), "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
