@@ -110,9 +110,31 @@ class Config:
     get_target_quant_model: bool = _key(False, "search for a model meeting target_metric")
     target_metric: Optional[float] = _key(None, "mAP@0.5:0.95 the searched model must reach")
     plot_hist: bool = _key(True, "draw weight histograms")
+    analysis_max_images: Optional[int] = _key(20, "evaluation images (the first N) every mAP of "
+                                              "analysis.py is measured on; null: val_max_images "
+                                              "or all")
+    analysis_proxy_images: int = _key(4, "evaluation images (the first N) the fast proxy, the "
+                                      "SNR of the head outputs against float, is measured on")
+    analysis_proxy_only: bool = _key(False, "rank layers by the proxy alone, with no per-layer "
+                                     "mAP (several times faster; trust it where analysis.txt "
+                                     "reports a high Spearman correlation for a similar model)")
+    analysis_layers: Optional[list] = _key(None, "analyse only these convs (Paddle weight names "
+                                           "like conv2d_12.w_0, or ONNX Conv node names); null: "
+                                           "every quantized conv")
     # reconstruction (fine_tune.py)
     regions: Optional[list] = _key(None, "[[input, output], ...] tensor names of blocks")
     region_weights_names: Optional[list] = _key(None, "weight names of each region")
+    drop_prob: float = _key(0.5, "QDrop: probability of keeping an activation float during "
+                            "reconstruction (with --simulate_activation_quant; 0: plain "
+                            "activation-aware rounding)")
+    recon_images: Optional[int] = _key(None, "calibration images used for reconstruction (the "
+                                       "first N; null: all PTQ.batch_nums x PTQ.batch_size)")
+    recon_lambda: float = _key(0.01, "weight of AdaRound's rounding regulariser")
+    recon_beta: list = _key([20.0, 2.0], "[start, end] of the regulariser's annealed beta")
+    recon_warmup: float = _key(0.2, "fraction of iterations without the regulariser")
+    recon_input: str = _key("float", "input each layer/region is reconstructed on: the float "
+                            "network's, or the round-to-nearest PTQ model's (one more pass; "
+                            "also learns to absorb earlier layers' error)", ("float", "quantized"))
     # conversion
     cache_dir: Optional[str] = _key(None, "X2Paddle conversion cache; null: $YOLOQUANT_CACHE or "
                                     "./cache/x2paddle")
@@ -236,6 +258,10 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("config: PTQ.batch_nums and PTQ.batch_size must be at least 1")
     if not 0.0 < cfg.PTQ.hist_percent <= 1.0:
         raise ConfigError("config: PTQ.hist_percent must be in (0, 1]")
+    if cfg.analysis_max_images is not None and cfg.analysis_max_images < 1:
+        raise ConfigError("config: analysis_max_images must be at least 1 (or null: all images)")
+    if cfg.analysis_proxy_images < 1:
+        raise ConfigError("config: analysis_proxy_images must be at least 1")
     if cfg.target_metric is not None and not 0.0 < cfg.target_metric <= 1.0:
         raise ConfigError("config: target_metric is a mAP@0.5:0.95 fraction in (0, 1], "
                           f"got {cfg.target_metric}")

@@ -257,8 +257,10 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     with timer("onnx_scales"):
         onnx_model = upgrade_opset(onnx.load(cfg.model_dir), images[0][None],
                                    converted.onnx_input_name)
+        # a conv skipped via skip_tensor_list still reads its (float) weight, so it is listed
+        # with weights but no quantized input: it has no scales and stays float
         conv_ops = [op for op in result.quantized_ops
-                    if op.op_type in ("conv2d", "depthwise_conv2d") and op.weights]
+                    if op.op_type in ("conv2d", "depthwise_conv2d") and op.weights and op.inputs]
         weights = paddle_params(converted.model_file, converted.params_file,
                                 [op.weights[0] for op in conv_ops])
         to_onnx = map_convs_to_onnx(onnx_model, weights)

@@ -64,6 +64,30 @@ class OnnxRuntimeBackend:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: images})[0]
 
+    @classmethod
+    def from_model(cls, model, threads: Optional[int] = None,
+                   name: str = "onnxruntime") -> "OnnxRuntimeBackend":
+        """A backend for an in-memory onnx.ModelProto (e.g. a QDQ variant that is never saved)."""
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.log_severity_level = 3
+        self = cls.__new__(cls)
+        try:
+            self.session = ort.InferenceSession(model.SerializeToString(), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises several private exception types for bad models
+            raise ModelError(f"ONNX Runtime cannot load the in-memory model {model.graph.name!r}: "
+                             f"{exc}") from exc
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.input_shape = tuple(inp.shape)
+        self.output_name = self.session.get_outputs()[0].name
+        self.name = name
+        self.path = None
+        return self
+
 
 @dataclass(frozen=True)
 class PaddleModelFiles:
