@@ -13,8 +13,16 @@ DEVICES = ("cpu", "gpu")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    """Our own handler on the 'yoloquant' logger: `import paddle` resets the root logger to
+    WARNING, which would hide every progress line if we relied on basicConfig."""
+    if any(getattr(h, "_yoloquant", False) for h in log.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler._yoloquant = True
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
 
 
 def add_common_flags(parser: argparse.ArgumentParser, config_required: bool = True) -> None:

@@ -1,0 +1,204 @@
+"""fine_tune: learned rounding on the tiny synthetic model (always) and real yolov5n layers (assets)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from yoloquant.assets import have_assets
+from yoloquant.config import config_from_dict, load_config
+from yoloquant.errors import ConfigError, ModelError
+from yoloquant.fine_tune import fine_tune, settings_from
+from yoloquant.ptq import QDQ_ONNX, SUMMARY, calibrate, paddle_params
+from yoloquant.reconstruct import ReconSettings, build_units, find_regions, reconstruct
+from yoloquant.runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles
+
+from test_ptq import tiny_yolo_onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_assets = pytest.mark.skipif(not have_assets(), reason="real assets not found "
+                                  "(set YOLOQUANT_ASSETS or put them in ../shared/assets)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_ft")
+    tiny_yolo_onnx(root / "tiny.onnx")
+    (root / "calib").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        cv2.imwrite(str(root / "calib" / f"img{i}.jpg"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    raw = {"model_dir": str(root / "tiny.onnx"), "dataset_dir": str(root), "train_image_dir": "calib",
+           "cache_dir": str(root / "cache" / "x2paddle"), "PTQ": {"algo": "avg", "batch_nums": 6}}
+    return root, raw
+
+
+def _weights_over_scale(cal):
+    model = cal.onnx_model
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    nodes = {n.name: n for n in model.graph.node}
+    out = {}
+    for p in cal.conv_params:
+        w = inits[nodes[p.node_name].input[1]].astype(np.float64)
+        s = (p.weight_thresholds / 127).astype(np.float32).astype(np.float64).reshape(-1, 1, 1, 1)
+        out[p.node_name] = w / s
+    return out
+
+
+@pytest.mark.parametrize("level,simulate", [("layer-wise", False), ("region-wise", True)])
+def test_learned_rounding_on_tiny_model(tiny, tmp_path, level, simulate):
+    root, raw = tiny
+    cfg = config_from_dict(raw)
+    cal = calibrate(cfg, tmp_path / "cal", "avg")
+    settings = ReconSettings(recon_level=level, simulate_activation_quant=simulate, epochs=40, lr=0.05,
+                             drop_prob=0.5)
+    result = reconstruct(cal.onnx_model, cal.conv_params, cal.images, cal.converted.onnx_input_name,
+                         settings, progress=False)
+    ws = _weights_over_scale(cal)
+    changed = total = 0
+    for name, q in result.ints.items():
+        # floor or ceil of w / s: never more than one step from round-to-nearest
+        assert np.all(np.abs(q.astype(np.float64) - ws[name]) < 1.0), name
+        changed += int((q != result.rtn[name]).sum())
+        total += q.size
+    assert set(result.ints) == {"conv0", "conv1", "head"}
+    assert changed / total > 0.01  # measurably different from round-to-nearest
+    before = sum(u.loss_before for u in result.units)
+    after = sum(u.loss_after for u in result.units)
+    assert after < before
+    if level == "region-wise":
+        assert len(result.units) == 1 and result.units[0].convs == ["conv0", "conv1", "head"]
+    else:
+        assert len(result.units) == 3
+
+
+def test_fine_tune_job_exports_learned_weights_to_both_runtimes(tiny):
+    root, raw = tiny
+    cfg = config_from_dict(dict(raw, recon_images=4))
+    out = root / "ft_out"
+    fine_tune(cfg, out, settings_from(cfg, "layer-wise", False, epochs=40, lr=0.05, limit=6), progress=False)
+    summary = json.loads((out / SUMMARY).read_text())
+    rec = summary["reconstruction"]
+    assert summary["command"] == "fine_tune" and rec["units"] == 3 and rec["paddle_weights_written"] == 3
+    assert rec["changed_fraction"] > 0.01 and rec["loss_after_total"] < rec["loss_before_total"]
+    assert all(u["crops"] == 4 * 8 for u in rec["per_unit"])  # recon_images: 4 images x 8 crops
+    assert summary["seconds"]["reconstruction"] > 0
+
+    # the QDQ ONNX holds exactly the learned int8 weights
+    qdq = onnx.load(str(out / QDQ_ONNX))
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    nodes = {n.name: n for n in qdq.graph.node}
+    dq_of = {n.output[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    onnx_ints = {c: inits[dq_of[nodes[c].input[1]].input[0]] for c in ("conv0", "conv1", "head")}
+    # the Paddle int8 program holds the same ones
+    files = PaddleModelFiles.find(out)
+    mapping = {v: k for k, v in rec["paddle_to_onnx"].items()}
+    pd = paddle_params(files.model_file, files.params_file, [mapping[c] for c in onnx_ints])
+    for c, q in onnx_ints.items():
+        assert q.dtype == np.int8
+        np.testing.assert_array_equal(pd[mapping[c]], q, err_msg=c)
+    # and both int8 runtimes agree on the output (ORT also requantizes conv outputs: not bit-exact)
+    x = np.random.default_rng(2).random((1, 3, 64, 64), dtype=np.float32)
+    ref = OnnxRuntimeBackend(root / "tiny.onnx")(x)
+    ort_int8 = OnnxRuntimeBackend(out / QDQ_ONNX)(x)
+    paddle_int8 = PaddleInferenceBackend(files, int8=True)(x)
+    assert np.abs(ort_int8 - ref).mean() < 0.02 and np.abs(paddle_int8 - ref).mean() < 0.02
+    assert np.abs(ort_int8 - paddle_int8).mean() < 0.01
+
+
+def test_regions_from_graph_structure(tmp_path):
+    tiny_yolo_onnx(tmp_path / "t.onnx")
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    convs = ["conv0", "conv1", "head"]
+    names = lambda regions: [[model.graph.node[k].name for k in r] for r in regions]  # noqa: E731
+    assert names(find_regions(model, convs, limit=6)) == [
+        ["conv0", "sig0", "mul0", "conv1", "sig1", "mul1", "head"]]
+    # limit 1: a conv with its activation; the head conv alone (its output leaves via Reshape)
+    assert names(find_regions(model, convs, limit=1)) == [
+        ["conv0", "sig0", "mul0"], ["conv1", "sig1", "mul1"], ["head"]]
+    units = build_units(model, convs, "region-wise", 2)
+    assert [u.convs for u in units] == [["conv0", "conv1"], ["head"]]
+    assert units[0].stride == (4, 4) and units[0].out_shape == (16, 16, 16)
+
+
+def test_no_quantized_conv_is_an_error(tiny, tmp_path):
+    root, raw = tiny
+    cal = calibrate(config_from_dict(raw), tmp_path / "cal", "avg")
+    with pytest.raises(ModelError, match="no reconstruction region"):
+        reconstruct(cal.onnx_model, cal.conv_params, cal.images, cal.converted.onnx_input_name,
+                    ReconSettings(recon_level="region-wise"),
+                    float_nodes=[p.node_name for p in cal.conv_params], progress=False)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"recon_level": "block"}, "recon_level"), ({"drop_prob": 1.5}, "drop_prob"),
+    ({"beta": (20.0,)}, "recon_beta"), ({"epochs": 0}, "at least 1"), ({"input_source": "x"}, "recon_input")])
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        ReconSettings(**kwargs)
+
+
+def test_config_keys_and_cli_flags(tmp_path):
+    cfg = load_config(ROOT / "configs" / "yolov5n_coco_mini.yaml")
+    assert cfg.drop_prob == 0.5 and cfg.recon_input == "float" and cfg.recon_beta == [20.0, 2.0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_dir: x.onnx\nrecon_input: fp16\n")
+    with pytest.raises(ConfigError, match="recon_input"):
+        load_config(bad)
+    sys.path.insert(0, str(ROOT))
+    try:
+        import fine_tune as script
+    finally:
+        sys.path.remove(str(ROOT))
+    args = script.build_parser().parse_args(["--config_path", "c.yaml", "--simulate_activation_quant",
+                                             "--recon_level", "region-wise"])
+    assert args.simulate_activation_quant is True and args.algo == "avg" and args.limit == 6
+    assert script.build_parser().parse_args(["--config_path", "c.yaml"]).simulate_activation_quant is False
+
+
+def test_script_reports_user_errors(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "fine_tune.py"), "--config_path",
+                           str(tmp_path / "missing.yaml")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: config file not found")
+
+
+@needs_assets
+@pytest.mark.slow
+def test_yolov5n_layers_learned_rounding_reduces_error(tmp_path):
+    """Real yolov5n, 4 images, the first 3 convs layer-wise and their region: error goes down."""
+    cfg = load_config(ROOT / "configs" / "yolov5n_coco_mini.yaml")
+    cfg.PTQ.batch_nums = 4
+    cal = calibrate(cfg, tmp_path / "cal", "avg")
+    keep = [p.node_name for p in cal.conv_params][:3]
+    rest = [p.node_name for p in cal.conv_params if p.node_name not in keep]
+    for level in ("layer-wise", "region-wise"):
+        result = reconstruct(cal.onnx_model, cal.conv_params, cal.images, cal.converted.onnx_input_name,
+                             ReconSettings(recon_level=level, epochs=10, limit=3), float_nodes=rest,
+                             progress=False)
+        assert set(result.ints) == set(keep)
+        for u in result.units:
+            assert u.loss_after < u.loss_before, (level, u.name)
+        ws = _weights_over_scale(cal)
+        changed = 0
+        for name, q in result.ints.items():
+            assert np.all(np.abs(q - ws[name]) < 1.0)
+            changed += int((q != result.rtn[name]).sum())
+        assert changed > 0
+
+
+def test_regions_given_by_hand(tmp_path):
+    tiny_yolo_onnx(tmp_path / "t.onnx")
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    convs = ["conv0", "conv1", "head"]
+    units = build_units(model, convs, "region-wise", 6, regions=[["images", "act1"]])
+    # the head is in no given region: learned on its own
+    assert [u.convs for u in units] == [["conv0", "conv1"], ["head"]]
+    with pytest.raises(ConfigError, match="also reads 'images'"):
+        build_units(model, convs, "region-wise", 6, regions=[["images.x", "act1"]])
+    with pytest.raises(ConfigError, match="Reshape"):
+        build_units(model, convs, "region-wise", 6, regions=[["act1", "r"]])

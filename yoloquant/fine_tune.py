@@ -1,0 +1,107 @@
+"""The `fine_tune.py` job: PTQ calibration, then learned weight rounding, saved like post_quant.
+
+Activation scales come from calibration (`--algo`); only the weights' rounding is learned
+(yoloquant.reconstruct). Outputs: the QDQ ONNX with the learned int8 weights, the Paddle int8
+program with the same int8 weights written in, summary.json with per-layer/region losses.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import onnx
+
+from .config import Config, load_config
+from .errors import ConfigError
+from .fileio import staging_dir, write_json
+from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, build_qdq, calibrate,
+                  run_summary)
+from .reconstruct import ReconSettings, reconstruct, write_paddle_weights
+from .runtime import OnnxRuntimeBackend
+
+log = logging.getLogger("yoloquant")
+
+
+def settings_from(cfg: Config, recon_level: str, simulate_activation_quant: bool, epochs: int,
+                  lr: float, limit: int) -> ReconSettings:
+    if cfg.region_weights_names:
+        log.warning("region_weights_names is ignored: each region's convs are read from the graph")
+    if cfg.regions and recon_level != "region-wise":
+        raise ConfigError("config: regions are used by --recon_level region-wise only")
+    return ReconSettings(recon_level=recon_level, simulate_activation_quant=simulate_activation_quant,
+                         epochs=epochs, lr=lr, limit=limit, drop_prob=cfg.drop_prob,
+                         images=cfg.recon_images, lam=cfg.recon_lambda, beta=tuple(cfg.recon_beta),
+                         warmup=cfg.recon_warmup, input_source=cfg.recon_input, regions=cfg.regions)
+
+
+def recon_cache_dir(cfg: Config) -> Path:
+    from .convert import default_cache_dir
+
+    base = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    return base.parent / "recon"
+
+
+def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: Optional[str] = None,
+              activation_type: str = "uint8", progress: bool = True) -> PostQuantResult:
+    """Calibrate, learn the rounding, write the int8 models and summary atomically into save_dir."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    with staging_dir(save_dir) as stage:
+        cal = calibrate(cfg, stage, algo)
+        skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or []) if w in cal.paddle_to_onnx}
+        quant_model = build_qdq(cal, skipped, activation_type) if settings.input_source == "quantized" else None
+        with cal.timer("reconstruction"):
+            result = reconstruct(cal.onnx_model, cal.conv_params, cal.images, cal.converted.onnx_input_name,
+                                 settings, float_nodes=skipped, quant_model=quant_model,
+                                 cache_dir=recon_cache_dir(cfg), progress=progress)
+        cal.conv_params = result.conv_params
+        with cal.timer("onnx_export"):
+            onnx.save(build_qdq(cal, skipped, activation_type), str(stage / QDQ_ONNX))
+        with cal.timer("paddle_export"):
+            to_paddle = cal.onnx_to_paddle()
+            written = write_paddle_weights(stage / PADDLE_MODEL,
+                                           {to_paddle[name]: q for name, q in result.ints.items()})
+        summary = run_summary(cal, activation_type, started, "fine_tune", float_nodes=skipped)
+        summary["reconstruction"] = result.summary(settings)
+        summary["reconstruction"]["paddle_weights_written"] = written
+        summary["reconstruction"]["paddle_to_onnx"] = dict(cal.paddle_to_onnx)
+        write_json(stage / SUMMARY, summary)
+    rs = summary["reconstruction"]
+    log.info("%s: %d units, loss %.4g -> %.4g (sum over units), %.1f%% of weights rounded the other "
+             "way, %.0f s; saved in %s", settings.recon_level, rs["units"], rs["loss_before_total"],
+             rs["loss_after_total"], 100 * rs["changed_fraction"], cal.timer.seconds.get("reconstruction", 0),
+             save_dir)
+    return PostQuantResult(Path(save_dir), summary)
+
+
+def fine_tune_command(config_path: str, save_dir: str, algo: Optional[str] = None, device: str = "cpu",
+                      recon_level: str = "layer-wise", simulate_activation_quant: bool = False,
+                      epochs: int = 25, lr: float = 0.01, limit: int = 6, evaluate: bool = False,
+                      max_images: Optional[int] = None) -> PostQuantResult:
+    from .cli import check_device
+    from .evaluate import evaluate_backend, evaluate_saved, format_table
+
+    check_device(device)
+    cfg = load_config(config_path)
+    if algo:
+        cfg.PTQ.algo = algo
+    settings = settings_from(cfg, recon_level, simulate_activation_quant, epochs, lr, limit)
+    result = fine_tune(cfg, save_dir, settings)
+    if evaluate:
+        fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images)
+        fp32.model = "FP32 " + Path(cfg.model_dir).name
+        rows = [fp32] + evaluate_saved(cfg, save_dir, max_images)
+        result.metrics = rows
+        result.summary["metrics"] = [r.as_dict() for r in rows]
+        write_json(Path(save_dir) / SUMMARY, result.summary)
+        print(format_table(rows))
+    rs = result.summary["reconstruction"]
+    print(f"{recon_level} ({'QDrop p=%g' % settings.drop_prob if simulate_activation_quant else 'weights only'}): "
+          f"{rs['units']} {'regions' if recon_level == 'region-wise' else 'layers'} "
+          f"({rs['convs_learned']} convs), reconstruction loss {rs['loss_before_total']:.4g} -> {rs['loss_after_total']:.4g}, "
+          f"{100 * rs['changed_fraction']:.1f}% of weights re-rounded, "
+          f"{result.summary['seconds'].get('reconstruction', 0):.0f} s")
+    return result
+
+

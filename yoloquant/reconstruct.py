@@ -1,0 +1,771 @@
+"""Learned weight rounding (AdaRound / BRECQ / QDrop) on the ONNX graph, exportable as QDQ.
+
+Why not paddleslim's ``quant_recon_static``: see /work/shared/STACK.md (weights quantized twice
+with onnx_format, no regions on X2Paddle graphs, drop_prob ignored, the whole network re-run per
+layer). Here everything works on the original ONNX graph, the graph the QDQ file is written into:
+
+* **Units.** Layer-wise: one quantized Conv plus its SiLU (Sigmoid*Mul) when the conv output
+  feeds only that (AdaRound reconstructs the activation output). Region-wise: single-entry
+  single-exit subgraphs found from the graph structure (`find_regions`), holding at most `limit`
+  Convs (BRECQ's blocks, e.g. a bottleneck with its residual Add, a whole small C3).
+* **Data, cached once.** One ONNX Runtime pass over the calibration images fetches every unit's
+  input tensor and keeps a few random spatial crops per image (not whole maps: memory and speed).
+  By default the input is the float network's (``recon_input: float``): every unit is then
+  independent, no re-running per layer. ``recon_input: quantized`` takes the inputs from the PTQ
+  (round-to-nearest) QDQ model instead, so each unit also learns to absorb the error of the
+  layers before it, an approximation of the papers' "quantized-so-far" input costing one more
+  pass. The target is the float unit applied to the float crop.
+* **Crops are exact where it matters.** A unit's output near a crop border depends on pixels
+  outside the crop; the loss ignores a margin (receptive-field radius) on every side that is not
+  the image border, where zero padding is what the network does anyway.
+* **Optimisation** (Paddle dynamic mode): W_soft = s * clip(floor(W/s) + h(V), -127, 127) with
+  the rectified sigmoid h; loss = masked MSE (sum over channels, mean over pixels) + lambda *
+  sum(1 - |2h - 1|^beta), beta annealed from beta[0] to beta[1] after a warm-up without the
+  regulariser (AdaRound). With simulate_activation_quant every quantized conv input is
+  fake-quantized with its calibrated threshold (straight-through gradient); QDrop keeps each
+  element float with probability drop_prob. Hard rounding at the end: floor + (V >= 0), so each
+  int8 weight is floor or ceil of w/s: within one step of round-to-nearest.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import ConfigError, ModelError
+
+log = logging.getLogger("yoloquant")
+
+RECON_LEVELS = ("layer-wise", "region-wise")
+INPUT_SOURCES = ("float", "quantized")
+# ops a unit may contain: those the small interpreter below runs
+SUPPORTED_OPS = {"Conv", "Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Relu", "LeakyRelu"}
+ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
+WQMAX = 127  # weight grid of qdq.insert_qdq: clip(round(w / s), -127, 127)
+ACT_QMIN, ACT_QMAX = -128, 127  # uint8 with zero point 128 = symmetric int8 grid plus -128
+
+
+# ---- settings -------------------------------------------------------------------------------
+@dataclass
+class ReconSettings:
+    recon_level: str = "layer-wise"
+    simulate_activation_quant: bool = False
+    epochs: int = 25  # passes over the cached crops per unit
+    lr: float = 0.01
+    limit: int = 6  # max convs per region
+    drop_prob: float = 0.5  # QDrop; only with simulate_activation_quant
+    images: Optional[int] = None  # calibration images used (null: all)
+    lam: float = 0.01
+    beta: tuple = (20.0, 2.0)
+    warmup: float = 0.2
+    input_source: str = "float"
+    # Crop layout: ~2048 exact output pixels per step either way (CPU time is the limit). Layers
+    # have a margin of a pixel or two, so many small crops; regions have margins of 2-5 pixels,
+    # so fewer, larger crops waste less. None: the level's default below.
+    crops_per_image: Optional[int] = None  # layer-wise 8, region-wise 2
+    crop: Optional[int] = None  # exact output pixels per crop side: layer-wise 8, region-wise 16
+    batch_size: Optional[int] = None  # crops per step: layer-wise 32, region-wise 8
+    seed: int = 0
+    regions: Optional[list] = None  # [[input, output], ...] ONNX tensor names; None: found
+
+    def __post_init__(self):
+        if self.recon_level not in RECON_LEVELS:
+            raise ConfigError(f"recon_level must be one of {', '.join(RECON_LEVELS)}, got {self.recon_level!r}")
+        if self.input_source not in INPUT_SOURCES:
+            raise ConfigError(f"recon_input must be one of {', '.join(INPUT_SOURCES)}, got {self.input_source!r}")
+        layer = self.recon_level == "layer-wise"
+        self.crops_per_image = self.crops_per_image or (8 if layer else 2)
+        self.crop = self.crop or (8 if layer else 16)
+        self.batch_size = self.batch_size or (32 if layer else 8)
+        if self.epochs < 1 or self.limit < 1 or self.crops_per_image < 1 or self.batch_size < 1 or self.crop < 1:
+            raise ConfigError("epochs, limit, crops per image, crop size and batch size must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.drop_prob <= 1.0:
+            raise ConfigError(f"drop_prob must be in [0, 1], got {self.drop_prob}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ConfigError(f"recon_warmup must be in [0, 1), got {self.warmup}")
+        if len(self.beta) != 2 or not all(b > 0 for b in self.beta):
+            raise ConfigError(f"recon_beta must be [start, end] > 0, got {self.beta}")
+        if self.lam < 0:
+            raise ConfigError(f"recon_lambda must be >= 0, got {self.lam}")
+        if self.images is not None and self.images < 1:
+            raise ConfigError(f"recon_images must be at least 1 (or null: all), got {self.images}")
+        self.beta = tuple(float(b) for b in self.beta)
+
+
+# ---- units of reconstruction ----------------------------------------------------------------
+@dataclass
+class Unit:
+    """A layer or region: graph nodes run in order from `input` to `output`."""
+
+    name: str
+    nodes: list  # onnx.NodeProto, in graph order
+    input: str
+    output: str
+    convs: list  # names of the quantized convs learned here
+    stride: tuple = (1, 1)  # input pixels per output pixel
+    margin: tuple = (0, 0)  # output pixels near a crop border that depend on pixels outside it
+    in_shape: tuple = ()  # (C, H, W) of the input
+    out_shape: tuple = ()
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    return out
+
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[int]]:
+    readers: dict[str, list[int]] = {}
+    for k, n in enumerate(model.graph.node):
+        for t in set(n.input):
+            readers.setdefault(t, []).append(k)
+    return readers
+
+
+def _closes(members: list[int], nodes, readers, graph_outputs: set) -> bool:
+    """True if only the last member's output leaves the set (single exit)."""
+    inside = set(members)
+    last = nodes[members[-1]].output[0]
+    for k in members:
+        for t in nodes[k].output:
+            if t == last:
+                continue
+            if t in graph_outputs or any(r not in inside for r in readers.get(t, [])):
+                return False
+    return len(nodes[members[-1]].output) == 1
+
+
+def find_regions(model: onnx.ModelProto, quantized: Sequence[str], limit: int) -> list[list[int]]:
+    """Node-index lists of single-entry single-exit regions, each with 1..limit convs.
+
+    Greedy in graph order: a region starts at a quantized Conv not yet covered, then takes the
+    following nodes that read only its own tensors (nodes that read none of them are parallel
+    branches and are passed over), stopping at the first node that also reads an outside tensor
+    (a merge with another branch), an op the interpreter does not run, or limit + 1 convs. It ends
+    at the last point where a single tensor leaves it (a branch point stops being one once its
+    consumers are inside). With limit 1 a region is a conv and its activation.
+    """
+    nodes = list(model.graph.node)
+    consts = _constants(model)
+    readers = _consumers(model)
+    outs = {o.name for o in model.graph.output}
+    qset = set(quantized)
+    covered: set[int] = set()
+    regions = []
+    for i, n in enumerate(nodes):
+        if i in covered or n.op_type != "Conv" or n.name not in qset or n.input[0] in consts:
+            continue
+        x_in = n.input[0]
+        members, produced, convs, best = [], set(), 0, 0
+        for j in range(i, len(nodes)):
+            m = nodes[j]
+            dyn = [t for t in m.input if t and t not in consts]
+            if not any(t == x_in or t in produced for t in dyn):
+                continue
+            if j in covered or m.op_type not in SUPPORTED_OPS or not all(t == x_in or t in produced for t in dyn):
+                break
+            if m.op_type == "Conv":
+                if convs == limit:
+                    break
+                convs += 1
+            members.append(j)
+            produced.update(m.output)
+            if _closes(members, nodes, readers, outs):
+                best = len(members)
+        members = members[:best]
+        covered.update(members)
+        regions.append(members)
+    return regions
+
+
+def layer_units_indices(model: onnx.ModelProto, quantized: Sequence[str]) -> list[list[int]]:
+    """One conv each, plus its SiLU when the conv output feeds only Sigmoid and Mul(y, sigmoid(y))."""
+    nodes = list(model.graph.node)
+    readers = _consumers(model)
+    outs = {o.name for o in model.graph.output}
+    qset = set(quantized)
+    units = []
+    for i, n in enumerate(nodes):
+        if n.op_type != "Conv" or n.name not in qset:
+            continue
+        y = n.output[0]
+        users = [nodes[k] for k in readers.get(y, [])]
+        sig = [u for u in users if u.op_type == "Sigmoid"]
+        mul = [u for u in users if u.op_type == "Mul"]
+        if (len(users) == 2 and len(sig) == 1 and len(mul) == 1 and y not in outs
+                and sorted(mul[0].input) == sorted([y, sig[0].output[0]])
+                and [nodes[k] for k in readers.get(sig[0].output[0], [])] == mul
+                and sig[0].output[0] not in outs):
+            idx = {id(u): k for k, u in enumerate(nodes)}
+            units.append([i, idx[id(sig[0])], idx[id(mul[0])]])
+        else:
+            units.append([i])
+    return units
+
+
+def _shapes(model: onnx.ModelProto, names: set) -> dict[str, tuple]:
+    """Shapes of the named tensors from one ONNX Runtime run on zeros (shape inference stops at
+    YOLOv5's shape-computed Resize)."""
+    graph_in = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for i in model.graph.input:
+        if i.name in graph_in:
+            continue
+        dims = [d.dim_value for d in i.type.tensor_type.shape.dim]
+        if not dims or any(v <= 0 for v in dims):
+            raise ModelError(f"input {i.name!r} has a dynamic shape {dims}; reconstruction needs a model "
+                             "exported at a fixed input size")
+        feeds[i.name] = np.zeros(dims, dtype=np.float32)
+    fetch = sorted(n for n in names if n not in feeds)
+    values = _session_with_outputs(model, fetch).run(fetch, feeds) if fetch else []
+    shapes = {k: tuple(v.shape) for k, v in zip(fetch, values)}
+    shapes.update({k: v.shape for k, v in feeds.items()})
+    return shapes
+
+
+def given_regions(model: onnx.ModelProto, regions: Sequence, quantized: Sequence[str]) -> list[tuple]:
+    """(members, input, output) of regions given as [input tensor, output tensor] pairs (the
+    config's `regions`): the nodes between the two, which must read nothing else."""
+    nodes = list(model.graph.node)
+    consts = _constants(model)
+    producer = {t: k for k, n in enumerate(nodes) for t in n.output}
+    found = []
+    for pair in regions:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise ConfigError(f"config: each entry of regions must be [input, output] tensor names, got {pair!r}")
+        x_in, y_out = pair
+        if y_out not in producer:
+            raise ConfigError(f"config: regions: no node of the ONNX graph produces {y_out!r}")
+        members, stack = set(), [producer[y_out]]
+        while stack:
+            k = stack.pop()
+            if k in members:
+                continue
+            members.add(k)
+            if nodes[k].op_type not in SUPPORTED_OPS:
+                raise ConfigError(f"config: region [{x_in}, {y_out}] contains {nodes[k].op_type} node "
+                                  f"{nodes[k].name!r}; supported: {', '.join(sorted(SUPPORTED_OPS))}")
+            for t in nodes[k].input:
+                if not t or t == x_in or t in consts:
+                    continue
+                if t not in producer:
+                    raise ConfigError(f"config: region [{x_in}, {y_out}] also reads {t!r}: {x_in!r} is not "
+                                      "its only input")
+                stack.append(producer[t])
+        found.append((sorted(members), x_in, y_out))
+    covered = {nodes[k].name for m, _, _ in found for k in m}
+    # convs outside every given region are learned layer by layer
+    for m in layer_units_indices(model, [q for q in quantized if q not in covered]):
+        found.append((m, nodes[m[0]].input[0], nodes[m[-1]].output[0]))
+    return sorted(found, key=lambda r: r[0][0])
+
+
+def build_units(model: onnx.ModelProto, quantized: Sequence[str], level: str, limit: int,
+                regions: Optional[Sequence] = None) -> list[Unit]:
+    nodes = list(model.graph.node)
+    consts = _constants(model)
+    if level == "region-wise" and regions:
+        spans = given_regions(model, regions, quantized)
+    else:
+        indices = (layer_units_indices(model, quantized) if level == "layer-wise"
+                   else find_regions(model, quantized, limit))
+        spans = [(m, nodes[m[0]].input[0], nodes[m[-1]].output[0]) for m in indices]
+    shapes = _shapes(model, {t for members, _, _ in spans for k in members for t in
+                             ([nodes[k].input[0]] if nodes[k].op_type in ("Conv", "MaxPool") else [])}
+                     | {x for _, x, _ in spans} | {y for _, _, y in spans})
+    qset = set(quantized)
+    units = []
+    for members, x_in, y_out in spans:
+        ns = [nodes[k] for k in members]
+        first = ns[0]
+        if x_in not in shapes or y_out not in shapes or len(shapes[x_in]) != 4 or len(shapes[y_out]) != 4:
+            raise ModelError(f"reconstruction needs 4-D tensors at the ends of a unit: {x_in!r} is "
+                             f"{shapes.get(x_in)}, {y_out!r} is {shapes.get(y_out)}")
+        _, c_in, h_in, w_in = shapes[x_in]
+        _, c_out, h_out, w_out = shapes[y_out]
+        if h_in % h_out or w_in % w_out:
+            raise ModelError(f"region {first.name} -> {ns[-1].name}: input {h_in}x{w_in} is not a multiple "
+                             f"of output {h_out}x{w_out}")
+        stride = (h_in // h_out, w_in // w_out)
+        # conservative receptive-field radius, in input pixels, summed over every windowed op
+        radius = [0, 0]
+        for n in ns:
+            if n.op_type in ("Conv", "MaxPool"):
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+                k = attrs.get("kernel_shape")
+                if k is None:  # Conv without kernel_shape: read the weight
+                    k = list(consts[n.input[1]].shape[2:])
+                dil = attrs.get("dilations", [1, 1])
+                sh = shapes.get(n.input[0])
+                at = (h_in // sh[2], w_in // sh[3]) if sh and len(sh) == 4 else (1, 1)
+                for a in range(2):
+                    radius[a] += ((k[a] - 1) * dil[a]) * at[a]  # full kernel extent: covers any pads
+        margin = tuple(math.ceil(radius[a] / stride[a]) for a in range(2))
+        convs = [n.name for n in ns if n.op_type == "Conv" and n.name in qset]
+        name = convs[0] if len(convs) == 1 else f"{convs[0]} .. {convs[-1]} ({len(convs)} convs)"
+        units.append(Unit(name, ns, x_in, y_out, convs, stride, margin, (c_in, h_in, w_in), (c_out, h_out, w_out)))
+    return units
+
+
+# ---- cached crops ---------------------------------------------------------------------------
+@dataclass
+class CropSet:
+    """Input crops of one unit (float and, for recon_input quantized, the PTQ model's) and masks."""
+
+    x: np.ndarray  # (N, C, h_in, w_in) input the quantized unit sees
+    x_float: np.ndarray  # (N, C, h_in, w_in) float network's input (target is computed from it)
+    mask: np.ndarray  # (N, 1, h_out, w_out) 1 where the crop output is exact
+
+
+def _crop_geometry(unit: Unit, crop: int):
+    _, h_out, w_out = unit.out_shape
+    size = tuple(min(crop + 2 * unit.margin[a], (h_out, w_out)[a]) for a in range(2))
+    return size, tuple(size[a] * unit.stride[a] for a in range(2))
+
+
+def _crop_positions(unit: Unit, crop: int, count: int, rng) -> list[tuple]:
+    (oh, ow), _ = _crop_geometry(unit, crop)
+    _, h_out, w_out = unit.out_shape
+    return [(int(rng.integers(0, h_out - oh + 1)), int(rng.integers(0, w_out - ow + 1))) for _ in range(count)]
+
+
+def _mask(unit: Unit, crop: int, pos: tuple) -> np.ndarray:
+    (oh, ow), _ = _crop_geometry(unit, crop)
+    _, h_out, w_out = unit.out_shape
+    m = np.zeros((oh, ow), dtype=np.float32)
+    mh, mw = unit.margin
+    top = 0 if pos[0] == 0 else mh
+    bottom = oh if pos[0] + oh == h_out else oh - mh
+    left = 0 if pos[1] == 0 else mw
+    right = ow if pos[1] + ow == w_out else ow - mw
+    m[top:max(top, bottom), left:max(left, right)] = 1.0
+    return m
+
+
+def _session_with_outputs(model: onnx.ModelProto, names: list[str]):
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in existing:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def collect_crops(units: list[Unit], float_model: onnx.ModelProto, images: Sequence[np.ndarray],
+                  input_name: str, settings: ReconSettings,
+                  quant_model: Optional[onnx.ModelProto] = None, progress: bool = True) -> list[CropSet]:
+    """One ONNX Runtime pass (two with a quantized-input model) fetching every unit's input."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(settings.seed)
+    positions = [[_crop_positions(u, settings.crop, settings.crops_per_image, rng) for _ in images] for u in units]
+    wanted = sorted({u.input for u in units if u.input != input_name})
+    sessions = [_session_with_outputs(float_model, wanted)]
+    if quant_model is not None:
+        sessions.append(_session_with_outputs(quant_model, wanted))
+    xs = [[[] for _ in units] for _ in sessions]
+    for i, img in enumerate(tqdm(images, desc="caching unit inputs", disable=not progress)):
+        for s, sess in enumerate(sessions):
+            values = dict(zip(wanted, sess.run(wanted, {input_name: img[None]}))) if wanted else {}
+            values[input_name] = img[None]
+            for u, unit in enumerate(units):
+                t = values[unit.input][0]
+                _, (ih, iw) = _crop_geometry(unit, settings.crop)
+                for (py, px) in positions[u][i]:
+                    y0, x0 = py * unit.stride[0], px * unit.stride[1]
+                    xs[s][u].append(t[:, y0:y0 + ih, x0:x0 + iw].copy())
+    out = []
+    for u, unit in enumerate(units):
+        masks = np.stack([_mask(unit, settings.crop, p) for per_img in positions[u] for p in per_img])[:, None]
+        x_float = np.stack(xs[0][u]).astype(np.float32)
+        x = np.stack(xs[1][u]).astype(np.float32) if quant_model is not None else x_float
+        out.append(CropSet(x, x_float, masks))
+    return out
+
+
+# ---- the interpreter and the learned rounding -----------------------------------------------
+@dataclass
+class ConvState:
+    """The rounding variables of one quantized conv."""
+
+    name: str
+    w: np.ndarray  # float weight
+    scale: np.ndarray  # float32 per output channel (shape (C_out,)) as insert_qdq computes it
+    dead: np.ndarray  # channels with a zero threshold: quantized to 0
+    floor: np.ndarray
+    rtn: np.ndarray  # round-to-nearest int8 weight (what PTQ deploys)
+    v: object = None  # paddle Parameter
+    input_threshold: float = 1.0
+
+
+def _conv_state(p, w: np.ndarray) -> ConvState:
+    t = p.weight_thresholds
+    c_out = w.shape[0]
+    if t.size not in (1, c_out):
+        raise ModelError(f"Conv {p.node_name!r}: {t.size} weight thresholds for {c_out} output channels")
+    t = np.broadcast_to(t, (c_out,))
+    dead = t <= 0
+    # the same float32 scale as qdq._quantize_weight, so learned ints mean the same in the file
+    scale = np.where(dead, 1.0, t / WQMAX).astype(np.float32)
+    ws = w.astype(np.float64) / scale.astype(np.float64).reshape(-1, 1, 1, 1)
+    rtn = np.clip(np.round(ws), -WQMAX, WQMAX)
+    rtn[dead] = 0
+    return ConvState(p.node_name, w.astype(np.float32), scale, dead, np.floor(ws), rtn.astype(np.int8),
+                     input_threshold=float(p.input_threshold))
+
+
+def _init_v(state: ConvState) -> np.ndarray:
+    # h(V) = frac(w / s) at the start, so the soft weight starts at the float weight
+    frac = (state.w.astype(np.float64) / state.scale.astype(np.float64).reshape(-1, 1, 1, 1)) - state.floor
+    frac = np.clip(frac, 1e-4, 1 - 1e-4)
+    return (-np.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).astype(np.float32)
+
+
+def hard_weight(state: ConvState, v: np.ndarray) -> np.ndarray:
+    """Learned int8 weight: floor(w / s) + (h(V) >= 0.5), i.e. V >= 0."""
+    q = np.clip(state.floor + (v >= 0), -WQMAX, WQMAX)
+    q[state.dead] = 0
+    return q.astype(np.int8)
+
+
+class UnitRunner:
+    """Runs a unit's nodes in Paddle with float, soft-rounded or given int8 weights."""
+
+    def __init__(self, unit: Unit, consts: dict, states: dict[str, ConvState]):
+        import paddle
+
+        self.paddle = paddle
+        self.unit = unit
+        self.consts = consts
+        self.states = states  # quantized convs of this unit, by node name
+        self.tensors = {}
+        for n in unit.nodes:
+            for t in n.input:
+                if t in consts and t not in self.tensors:
+                    self.tensors[t] = paddle.to_tensor(consts[t].astype(np.float32)
+                                                       if consts[t].dtype == np.float64 else consts[t])
+
+    def weight(self, node, mode: str, ints: Optional[dict] = None):
+        """mode: float | soft | hard (uses ints[name] or the rounding variables) | rtn."""
+        P = self.paddle
+        st = self.states.get(node.name)
+        if st is None or mode == "float":
+            return self.tensors[node.input[1]]
+        s = P.to_tensor(st.scale.reshape(-1, 1, 1, 1))
+        if mode == "soft":
+            h = P.clip(P.nn.functional.sigmoid(st.v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+            q = P.clip(P.to_tensor(st.floor.astype(np.float32)) + h, -WQMAX, WQMAX)
+            if st.dead.any():
+                q = q * P.to_tensor((~st.dead).astype(np.float32).reshape(-1, 1, 1, 1))
+            return q * s
+        q = ints[node.name] if ints is not None else (st.rtn if mode == "rtn" else hard_weight(st, st.v.numpy()))
+        return P.to_tensor(q.astype(np.float32)) * s
+
+    def fake_quant(self, x, threshold: float, drop_prob: float, training: bool):
+        P = self.paddle
+        s = threshold / 127.0
+        q = P.clip(P.round(x / s), ACT_QMIN, ACT_QMAX) * s
+        q = x + (q - x).detach()  # straight-through: gradient of identity
+        if training and drop_prob > 0:
+            keep = (P.rand(x.shape) < drop_prob).astype(x.dtype)
+            q = keep * x + (1 - keep) * q
+        return q
+
+    def __call__(self, x, mode: str, act_quant: bool = False, drop_prob: float = 0.0,
+                 training: bool = False, ints: Optional[dict] = None):
+        P = self.paddle
+        F = P.nn.functional
+        env = dict(self.tensors)
+        env[self.unit.input] = x
+        for n in self.unit.nodes:
+            a = {at.name: onnx.helper.get_attribute_value(at) for at in n.attribute}
+            ins = [env[t] if t else None for t in n.input]
+            if n.op_type == "Conv":
+                inp = ins[0]
+                if act_quant and n.name in self.states:
+                    inp = self.fake_quant(inp, self.states[n.name].input_threshold, drop_prob, training)
+                w = self.weight(n, mode, ints)
+                pads = a.get("pads", [0, 0, 0, 0])
+                y = F.conv2d(inp, w, bias=ins[2] if len(ins) > 2 else None, stride=a.get("strides", [1, 1]),
+                             padding=[pads[0], pads[2], pads[1], pads[3]], dilation=a.get("dilations", [1, 1]),
+                             groups=a.get("group", 1))
+            elif n.op_type == "Sigmoid":
+                y = F.sigmoid(ins[0])
+            elif n.op_type == "Mul":
+                y = ins[0] * ins[1]
+            elif n.op_type == "Add":
+                y = ins[0] + ins[1]
+            elif n.op_type == "Concat":
+                y = P.concat(ins, axis=a["axis"])
+            elif n.op_type == "MaxPool":
+                pads = a.get("pads", [0, 0, 0, 0])
+                if pads[0] != pads[2] or pads[1] != pads[3]:
+                    raise ModelError(f"MaxPool {n.name}: asymmetric pads are not supported in a region")
+                y = F.max_pool2d(ins[0], a["kernel_shape"], stride=a.get("strides", a["kernel_shape"]),
+                                 padding=[pads[0], pads[1]], ceil_mode=bool(a.get("ceil_mode", 0)))
+            elif n.op_type == "Relu":
+                y = F.relu(ins[0])
+            elif n.op_type == "LeakyRelu":
+                y = F.leaky_relu(ins[0], a.get("alpha", 0.01))
+            else:  # find_regions only admits SUPPORTED_OPS
+                raise ModelError(f"internal error: op {n.op_type} in a reconstruction unit")
+            env[n.output[0]] = y
+        return env[self.unit.output]
+
+
+def _masked_loss(P, pred, target, mask):
+    # BRECQ/AdaRound loss: squared error summed over channels, averaged over (exact) pixels
+    err = ((pred - target) ** 2).sum(axis=1, keepdim=True) * mask
+    return err.sum() / P.clip(mask.sum(), min=1.0)
+
+
+@dataclass
+class UnitResult:
+    name: str
+    convs: list
+    loss_before: float
+    loss_after: float
+    changed_fraction: float
+    weights: int
+    iterations: int
+    seconds: float
+    crops: int
+
+
+def _evaluate(P, runner, crops: CropSet, target, act_quant: bool, mode: str, ints=None, chunk: int = 64) -> float:
+    total, count = 0.0, 0.0
+    with P.no_grad():
+        for a in range(0, len(crops.x), chunk):
+            x = P.to_tensor(crops.x[a:a + chunk])
+            m = P.to_tensor(crops.mask[a:a + chunk])
+            pred = runner(x, mode, act_quant=act_quant, ints=ints)
+            err = ((pred - target[a:a + chunk]) ** 2).sum(axis=1, keepdim=True) * m
+            total += float(err.sum())
+            count += float(m.sum())
+    return total / max(count, 1.0)
+
+
+def reconstruct_unit(unit: Unit, crops: CropSet, states: dict[str, ConvState], consts: dict,
+                     settings: ReconSettings, rng, progress=None) -> tuple[dict, UnitResult]:
+    """Learns the rounding of the unit's quantized convs; returns {conv: int8 weight} and stats."""
+    import paddle as P
+
+    started = time.perf_counter()
+    runner = UnitRunner(unit, consts, states)
+    act_quant = settings.simulate_activation_quant
+    drop = settings.drop_prob if act_quant else 0.0
+    with P.no_grad():
+        target = P.concat([runner(P.to_tensor(crops.x_float[a:a + 64]), "float")
+                           for a in range(0, len(crops.x_float), 64)])
+    before = _evaluate(P, runner, crops, target, act_quant, "rtn")
+    params = []
+    for name in unit.convs:
+        st = states[name]
+        st.v = P.create_parameter(st.w.shape, "float32",
+                                  default_initializer=P.nn.initializer.Assign(_init_v(st)))
+        params.append(st.v)
+    opt = P.optimizer.Adam(learning_rate=settings.lr, parameters=params)
+    n = len(crops.x)
+    steps_per_epoch = max(1, math.ceil(n / settings.batch_size))
+    iters = settings.epochs * steps_per_epoch
+    warm = int(settings.warmup * iters)
+    b0, b1 = settings.beta
+    mask_all = crops.mask
+    for it in range(iters):
+        idx = rng.choice(n, size=min(settings.batch_size, n), replace=False)
+        x = crops.x[idx]
+        if settings.input_source == "quantized" and drop > 0:
+            # QDrop at the unit input: each element from the float network with prob drop_prob
+            keep = rng.random(x.shape) < drop
+            x = np.where(keep, crops.x_float[idx], x)
+        x = P.to_tensor(x)
+        pred = runner(x, "soft", act_quant=act_quant, drop_prob=drop, training=True)
+        rec = _masked_loss(P, pred, P.gather(target, P.to_tensor(idx)), P.to_tensor(mask_all[idx]))
+        loss = rec
+        if it >= warm and settings.lam > 0:
+            rel = (it - warm) / max(1, iters - warm)
+            beta = b1 + (b0 - b1) * (1 - rel)  # annealed: high beta first lets h move freely
+            reg = 0.0
+            for p_ in params:
+                h = P.clip(P.nn.functional.sigmoid(p_) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+                reg = reg + (1 - P.abs(2 * h - 1) ** beta).sum()
+            loss = rec + settings.lam * reg
+        loss.backward()
+        opt.step()
+        opt.clear_grad()
+        if progress is not None and (it % 20 == 0 or it == iters - 1):
+            progress.set_postfix_str(f"{unit.name[:40]} it {it + 1}/{iters} rec {float(rec):.4g}")
+    ints = {name: hard_weight(states[name], states[name].v.numpy()) for name in unit.convs}
+    after = _evaluate(P, runner, crops, target, act_quant, "hard", ints=ints)
+    changed = sum(int((ints[c] != states[c].rtn).sum()) for c in unit.convs)
+    total = sum(ints[c].size for c in unit.convs)
+    for name in unit.convs:
+        states[name].v = None
+    return ints, UnitResult(unit.name, list(unit.convs), before, after, changed / max(total, 1), total,
+                            iters, round(time.perf_counter() - started, 2), n)
+
+
+@dataclass
+class ReconResult:
+    conv_params: list  # ConvQuantParams with quantized_weight set for the learned convs
+    units: list  # UnitResult
+    ints: dict  # conv name -> learned int8 weight
+    rtn: dict  # conv name -> round-to-nearest int8 weight
+    seconds: dict = field(default_factory=dict)
+
+    def summary(self, settings: ReconSettings) -> dict:
+        changed = sum(int((self.ints[c] != self.rtn[c]).sum()) for c in self.ints)
+        total = sum(v.size for v in self.ints.values())
+        return {
+            "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+            "units": len(self.units),
+            "convs_learned": len(self.ints),
+            "changed_fraction": changed / max(total, 1),
+            "loss_before_total": float(sum(u.loss_before for u in self.units)),
+            "loss_after_total": float(sum(u.loss_after for u in self.units)),
+            "per_unit": [vars(u) for u in self.units],
+            "seconds": self.seconds,
+        }
+
+
+def reconstruct(onnx_model: onnx.ModelProto, conv_params: list, images: Sequence[np.ndarray],
+                input_name: str, settings: ReconSettings, float_nodes=(),
+                quant_model: Optional[onnx.ModelProto] = None, cache_dir: Optional[Path] = None,
+                progress: bool = True) -> ReconResult:
+    """Learned rounding for every conv in conv_params (except float_nodes).
+
+    quant_model: the PTQ QDQ ONNX, needed for input_source 'quantized' (its conv-input tensors
+    keep the float graph's names, so the same names are fetched from both).
+    """
+    import paddle
+    from tqdm import tqdm
+
+    paddle.disable_static()
+    paddle.seed(settings.seed)
+    seconds = {}
+    keep_float = set(float_nodes)
+    params = [p for p in conv_params if p.node_name not in keep_float]
+    quantized = [p.node_name for p in params]
+    t0 = time.perf_counter()
+    units = build_units(onnx_model, quantized, settings.recon_level, settings.limit, settings.regions)
+    if not units:
+        raise ModelError(f"{settings.recon_level}: no reconstruction {'region' if settings.recon_level == 'region-wise' else 'layer'} "
+                         f"found among the {len(quantized)} quantized convs")
+    covered = {c for u in units for c in u.convs}
+    missing = [q for q in quantized if q not in covered]
+    if missing:
+        raise ModelError(f"internal error: convs in no reconstruction unit: {missing[:5]}")
+    log.info("%s reconstruction: %d %s over %d quantized convs (limit %d convs per region)",
+             settings.recon_level, len(units), "regions" if settings.recon_level == "region-wise" else "layers",
+             len(quantized), settings.limit)
+    images = list(images)[:settings.images] if settings.images else list(images)
+    if settings.input_source == "quantized" and quant_model is None:
+        raise ConfigError("recon_input: quantized needs the PTQ QDQ model")
+    crops = _cached_crops(units, onnx_model, images, input_name, settings,
+                          quant_model if settings.input_source == "quantized" else None, cache_dir, progress)
+    seconds["cache_inputs"] = round(time.perf_counter() - t0, 2)
+
+    consts = _constants(onnx_model)
+    by_name = {n.name: n for n in onnx_model.graph.node}
+    states = {p.node_name: _conv_state(p, consts[by_name[p.node_name].input[1]]) for p in params}
+    rng = np.random.default_rng(settings.seed)
+    results, ints = [], {}
+    t1 = time.perf_counter()
+    bar = tqdm(list(zip(units, crops)), desc=f"{settings.recon_level} reconstruction ({len(units)} "
+               f"{'regions' if settings.recon_level == 'region-wise' else 'layers'})", disable=not progress)
+    for unit, cs in bar:
+        learned, res = reconstruct_unit(unit, cs, states, consts, settings, rng, progress=bar if progress else None)
+        ints.update(learned)
+        results.append(res)
+        log.debug("%s: loss %.5g -> %.5g, %.1f%% weights re-rounded, %.1f s", res.name, res.loss_before,
+                  res.loss_after, 100 * res.changed_fraction, res.seconds)
+    bar.close()
+    seconds["optimise"] = round(time.perf_counter() - t1, 2)
+    new_params = [replace(p, quantized_weight=ints[p.node_name]) if p.node_name in ints else p for p in conv_params]
+    return ReconResult(new_params, results, ints, {k: s.rtn for k, s in states.items()}, seconds)
+
+
+def _cached_crops(units, model, images, input_name, settings, quant_model, cache_dir, progress):
+    """collect_crops, cached on disk by everything that determines the crops."""
+    if cache_dir is None:
+        return collect_crops(units, model, images, input_name, settings, quant_model, progress)
+    h = hashlib.sha256()
+    h.update(model.SerializeToString())
+    if quant_model is not None:
+        h.update(quant_model.SerializeToString())
+    for img in images:
+        h.update(np.ascontiguousarray(img).tobytes())
+    h.update(json.dumps([settings.seed, settings.crop, settings.crops_per_image,
+                         [(u.input, u.output, u.margin, u.stride) for u in units]]).encode())
+    path = Path(cache_dir) / f"crops-{h.hexdigest()[:24]}.npz"
+    if path.is_file():
+        data = np.load(path)
+        log.info("reusing cached reconstruction inputs %s", path)
+        return [CropSet(data[f"x{k}"], data[f"f{k}"] if f"f{k}" in data else data[f"x{k}"], data[f"m{k}"])
+                for k in range(len(units))]
+    crops = collect_crops(units, model, images, input_name, settings, quant_model, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for k, c in enumerate(crops):
+        arrays[f"x{k}"], arrays[f"m{k}"] = c.x, c.mask
+        if c.x is not c.x_float:
+            arrays[f"f{k}"] = c.x_float
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)  # atomic: a killed run leaves no half-written cache
+    return crops
+
+
+# ---- the Paddle int8 model ------------------------------------------------------------------
+def write_paddle_weights(model_file: Path, ints_by_paddle_name: dict[str, np.ndarray]) -> int:
+    """Replace the int8 weights of an onnx_format Paddle program (weights are stored as int8
+    tensors read by dequantize_linear) with the learned ones; returns how many were written."""
+    import paddle
+
+    model_file = Path(model_file)
+    prefix = str(model_file)[:-len(".pdmodel")]
+    was_dynamic = paddle.in_dynamic_mode()
+    paddle.enable_static()
+    try:
+        scope = paddle.static.Scope()
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        with paddle.static.scope_guard(scope):
+            prog, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
+            block = prog.global_block()
+            dq_inputs = {op.input("X")[0] for op in block.ops if op.type == "dequantize_linear"}
+            written = 0
+            for name, q in ints_by_paddle_name.items():
+                var = scope.find_var(name)
+                if var is None or name not in dq_inputs:
+                    raise ModelError(f"the Paddle int8 program has no int8 weight {name!r} read by "
+                                     "dequantize_linear (was it saved with onnx_format: true?)")
+                tensor = var.get_tensor()
+                old = np.array(tensor)
+                if old.shape != q.shape:
+                    raise ModelError(f"Paddle weight {name} has shape {old.shape}, the learned one {q.shape}")
+                tensor.set(q.astype(old.dtype), paddle.CPUPlace())
+                written += 1
+            feed_vars = [block.var(n) for n in feeds]
+            paddle.static.save_inference_model(prefix, feed_vars, fetches, exe, program=prog)
+    finally:
+        if was_dynamic:
+            paddle.disable_static()
+    return written
