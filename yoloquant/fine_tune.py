@@ -19,7 +19,6 @@ from .fileio import staging_dir, write_json
 from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, build_qdq, calibrate,
                   run_summary)
 from .reconstruct import ReconSettings, reconstruct, write_paddle_weights
-from .runtime import OnnxRuntimeBackend
 
 log = logging.getLogger("yoloquant")
 
@@ -80,7 +79,6 @@ def fine_tune_command(config_path: str, save_dir: str, algo: Optional[str] = Non
                       epochs: int = 25, lr: float = 0.01, limit: int = 6, evaluate: bool = False,
                       max_images: Optional[int] = None) -> PostQuantResult:
     from .cli import check_device
-    from .evaluate import evaluate_backend, evaluate_saved, format_table
 
     check_device(device)
     cfg = load_config(config_path)
@@ -89,13 +87,9 @@ def fine_tune_command(config_path: str, save_dir: str, algo: Optional[str] = Non
     settings = settings_from(cfg, recon_level, simulate_activation_quant, epochs, lr, limit)
     result = fine_tune(cfg, save_dir, settings)
     if evaluate:
-        fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images)
-        fp32.model = "FP32 " + Path(cfg.model_dir).name
-        rows = [fp32] + evaluate_saved(cfg, save_dir, max_images)
-        result.metrics = rows
-        result.summary["metrics"] = [r.as_dict() for r in rows]
-        write_json(Path(save_dir) / SUMMARY, result.summary)
-        print(format_table(rows))
+        from .ptq import evaluate_fp32_and_saved
+
+        evaluate_fp32_and_saved(cfg, save_dir, result, max_images)
     rs = result.summary["reconstruction"]
     print(f"{recon_level} ({'QDrop p=%g' % settings.drop_prob if simulate_activation_quant else 'weights only'}): "
           f"{rs['units']} {'regions' if recon_level == 'region-wise' else 'layers'} "

@@ -7,7 +7,6 @@ ONNX graph, on Conv inputs, weights and outputs only; the decode subgraph stays 
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,8 +20,8 @@ from .config import Config, load_config, require, to_dict
 from .data import CocoDetection, ImageFolder, iterate_batches
 from .errors import ConfigError, DataError, ModelError
 from .fileio import staging_dir, write_json
-from .provenance import Timer, file_sha256, machine, package_versions
-from .runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles
+from .provenance import Timer, machine, package_versions
+from .runtime import OnnxRuntimeBackend
 from .validator import preprocess_for
 
 log = logging.getLogger("yoloquant")
@@ -345,25 +344,32 @@ def _conv_weight_names(model_file: Path) -> list[str]:
     return names
 
 
+def evaluate_fp32_and_saved(cfg: Config, save_dir: str, result, max_images: Optional[int]) -> list:
+    """FP32 vs every int8 artifact in save_dir; metrics are added to its summary.json."""
+    from .evaluate import evaluate_backend, evaluate_saved, format_table
+
+    fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images)
+    fp32.model = "FP32 " + Path(cfg.model_dir).name
+    rows = [fp32] + evaluate_saved(cfg, save_dir, max_images)
+    result.metrics = rows
+    result.summary["metrics"] = [r.as_dict() for r in rows]
+    write_json(Path(save_dir) / SUMMARY, result.summary)
+    print(format_table(rows))
+    return rows
+
+
 def post_quant_command(config_path: str, save_dir: str, algo: Optional[str] = None,
                        device: str = "cpu", evaluate: bool = False,
                        max_images: Optional[int] = None) -> PostQuantResult:
     from .cli import check_device
-    from .evaluate import evaluate_backend, evaluate_saved, format_table
-
     check_device(device)
     cfg = load_config(config_path)
     if algo:
         cfg.PTQ.algo = algo
     result = quantize(cfg, save_dir)
     if evaluate:
-        fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images)
-        fp32.model = "FP32 " + Path(cfg.model_dir).name
-        rows = [fp32] + evaluate_saved(cfg, save_dir, max_images)
-        result.metrics = rows
-        result.summary["metrics"] = [r.as_dict() for r in rows]
-        write_json(Path(save_dir) / SUMMARY, result.summary)
-        print(format_table(rows))
+        rows = evaluate_fp32_and_saved(cfg, save_dir, result, max_images)
+        fp32 = rows[0]
         ptq_s = result.summary["seconds"].get("ptq", 0.0)
         for r in rows[1:]:
             print(f"INT8 {r.runtime}: mAP@0.5:0.95 {r.map50_95:.4f} "
