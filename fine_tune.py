@@ -11,7 +11,7 @@ the timings. Activation scales come from calibration (--algo).
 """
 import argparse
 
-from yoloquant.cli import add_common_flags, run_main
+from yoloquant.cli import add_common_flags, add_eval_flags, run_main
 from yoloquant.config import PTQ_ALGOS
 from yoloquant.reconstruct import RECON_LEVELS
 
@@ -46,10 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Adam learning rate of the rounding variables (default 0.01)")
     parser.add_argument("--limit", type=int, default=6,
                         help="max convs per region with region-wise (default 6)")
-    parser.add_argument("--eval", action="store_true",
-                        help="evaluate FP32 and the INT8 models on the config's val set")
-    parser.add_argument("--max_images", type=int, default=None,
-                        help="with --eval: the first N val images only")
+    add_eval_flags(parser)
     return parser
 
 

@@ -8,7 +8,7 @@ metrics). With --eval the job ends with FP32 vs INT8 mAP for each runtime.
 """
 import argparse
 
-from yoloquant.cli import add_common_flags, run_main
+from yoloquant.cli import add_common_flags, add_eval_flags, run_main
 from yoloquant.config import PTQ_ALGOS
 
 
@@ -27,10 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_dir", default="ptq_out", help="output folder (default: ptq_out)")
     parser.add_argument("--algo", default=None, choices=PTQ_ALGOS,
                         help="calibration algorithm (default: the config's PTQ.algo)")
-    parser.add_argument("--eval", action="store_true",
-                        help="evaluate FP32 and INT8 on the config's val set and print the table")
-    parser.add_argument("--max_images", type=int, default=None,
-                        help="with --eval: the first N val images only")
+    add_eval_flags(parser)
     return parser
 
 

@@ -33,6 +33,15 @@ def add_common_flags(parser: argparse.ArgumentParser, config_required: bool = Tr
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
+def add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """--eval / --max_images, shared by the scripts that produce an INT8 model."""
+    parser.add_argument("--eval", action="store_true",
+                        help="evaluate FP32 and the INT8 models on the config's val set and "
+                             "print the table")
+    parser.add_argument("--max_images", type=int, default=None,
+                        help="with --eval: the first N val images only")
+
+
 def check_device(device: str) -> None:
     """Refuse a GPU request on a CPU-only Paddle build instead of silently running on CPU."""
     if device == "gpu":
