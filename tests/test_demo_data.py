@@ -1,15 +1,13 @@
-"""The offline demo: synthetic data set generation and the committed demo model."""
+"""The offline demo data set: deterministic generation in COCO format."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from yoloquant import demo_data
-from yoloquant.config import config_from_dict, load_config
 from yoloquant.data import CocoDetection
-from yoloquant.demo_data import CLASSES, ensure_demo_data, generate, maybe_generate_for
+from yoloquant.demo_data import CLASSES, ensure_demo_data, generate
 from yoloquant.preprocess import Preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,17 +92,3 @@ def test_ensure_demo_data_generates_once_and_replaces_stale_sets(tmp_path, monke
     ensure_demo_data(target, n_train=2, n_val=3)  # other parameters: the old set is replaced
     assert len(list((target / "val" / "images").iterdir())) == 3
     assert sorted(p.name for p in target.parent.iterdir()) == ["demo"]  # no temp folders left
-
-
-def test_maybe_generate_for_acts_on_the_demo_folder_only(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(demo_data, "ensure_demo_data", lambda d: calls.append(Path(d)) or Path(d))
-    monkeypatch.chdir(tmp_path)
-    assert maybe_generate_for(config_from_dict({"dataset_dir": str(tmp_path / "coco")})) is None
-    assert calls == []
-    cfg = load_config(ROOT / "configs" / "demo.yaml")
-    assert maybe_generate_for(cfg) == Path("cache/demo_data")
-    assert calls == [Path("cache/demo_data")]
-
-
-# ---------------------------------------------------------------- the committed model
