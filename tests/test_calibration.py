@@ -173,6 +173,7 @@ def fp32_model(tmp_path_factory):
     paddle.enable_static()
     try:
         main, startup = paddle.static.Program(), paddle.static.Program()
+        startup.random_seed = main.random_seed = 7  # unseeded weights made the tolerances flaky
         with paddle.static.program_guard(main, startup):
             x = paddle.static.data("image", [None, 3, 16, 16], "float32")
             y = paddle.static.nn.conv2d(x, 8, 3, padding=1)
