@@ -248,3 +248,34 @@ def test_dynamic_input_asks_for_a_fixed_size(tmp_path, monkeypatch):
     onnx.save(model, str(path))
     with pytest.raises(ModelError, match="fixed input size"):
         convert_onnx_to_paddle(path, cache_dir=tmp_path / "cache")
+
+
+def sum_branches(path):
+    """RepVGG before re-parameterisation: Relu(conv3x3(x) + conv1x1(x) + x) as one 3-input Sum."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 3, 3)).astype(np.float32), "w3"),
+             numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), "w1")]
+    nodes = [helper.make_node("Conv", ["images", "w3"], ["a"], name="c3", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["images", "w1"], ["b"], name="c1", kernel_shape=[1, 1]),
+             helper.make_node("Sum", ["a", "b", "images"], ["s"], name="sum"),
+             helper.make_node("Relu", ["s"], ["output"], name="relu")]
+    graph = helper.make_graph(nodes, "repvgg", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 4, 8, 8])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(path))
+    return path
+
+
+def test_three_input_sum_is_converted_correctly(tmp_path, monkeypatch):
+    """x2paddle 1.6 maps Sum(a, b, c) to a + b + a; the sum_to_adds rewrite avoids it."""
+    path = sum_branches(tmp_path / "repvgg.onnx")
+    x = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    result = convert_onnx_to_paddle(path, cache_dir=tmp_path / "cache", verify_image=x, tolerance=TOLERANCE)
+    assert result.normalize_counts["sum_to_adds"] == 1 and result.max_abs_diff < 1e-4
+    # the upstream bug, shown: without the rewrite the converted model computes something else
+    from yoloquant import onnx_normalize
+    monkeypatch.setattr(onnx_normalize, "REWRITES",
+                        tuple(r for r in onnx_normalize.REWRITES if r[0] != "sum_to_adds"))
+    with pytest.raises(ModelError, match="differ"):
+        convert_onnx_to_paddle(path, cache_dir=tmp_path / "cache2", verify_image=x, tolerance=TOLERANCE)

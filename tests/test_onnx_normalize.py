@@ -9,7 +9,7 @@ from yoloquant import assets
 from yoloquant.errors import ModelError
 from yoloquant.onnx_normalize import (describe_io, drop_unit_pool_dilations,
                                       fill_resize_optional_inputs, fold_shape_constants, load_onnx,
-                                      normalize, split_to_slices)
+                                      normalize, split_to_slices, sum_to_adds)
 
 NEEDS_ASSETS = pytest.mark.skipif(
     not assets.have_assets(),
@@ -136,6 +136,34 @@ def test_split_with_sizes_input_becomes_slices():
     assert "Split" not in ops(model) and ops(model).count("Slice") == 3
     assert "sizes" not in {t.name for t in model.graph.initializer}
     assert_same_outputs(original, model, (1, 3, 4, 85), atol=0)
+
+
+def sum_model(n_inputs):
+    """Y = Sum(X, 2X, 3X, ...): each term distinct, so a repeated or dropped term shows."""
+    terms = ["X"]
+    nodes, inits = [], []
+    for k in range(2, n_inputs + 1):
+        inits.append(numpy_helper.from_array(np.array(k, np.float32), f"k{k}"))
+        nodes.append(helper.make_node("Mul", ["X", f"k{k}"], [f"t{k}"], name=f"mul{k}"))
+        terms.append(f"t{k}")
+    nodes.append(helper.make_node("Sum", terms, ["Y"], name="sum"))
+    return make_model(nodes, [vinfo("X", [1, 2, 3])], [vinfo("Y", [1, 2, 3])], inits)
+
+
+def test_sum_of_three_or_more_becomes_a_chain_of_adds():
+    original = sum_model(3)  # RepVGG before re-parameterisation: 3x3 + 1x1 + identity
+    model, counts = normalize(original)
+    assert counts["sum_to_adds"] == 1
+    assert "Sum" not in ops(model) and ops(model).count("Add") == 2
+    assert_same_outputs(original, model, (1, 2, 3), atol=1e-6)
+    x = np.ones((1, 2, 3), np.float32)
+    assert np.allclose(run(model, x)[0], 6.0)  # 1 + 2 + 3, not x2paddle's 1 + 2 + 1
+
+
+def test_sum_of_two_is_left_alone():
+    model = sum_model(2)
+    assert sum_to_adds(model) == 0
+    assert "Sum" in ops(model)
 
 
 def test_split_attribute_form_is_left_alone():

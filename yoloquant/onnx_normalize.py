@@ -14,6 +14,9 @@ re-expresses a pattern in a form x2paddle's op mapper and shape inference unders
 - ``split_to_slices``: opset >= 13 Split whose sizes come as an input. x2paddle's symbolic shape
   inference ignores that input and splits evenly (85 channels -> 3 x 28), which later breaks the
   conversion with ``KeyError: 0``; one Slice per output is the same computation.
+- ``sum_to_adds``: ``Sum`` of three or more inputs (RepVGG blocks exported before
+  re-parameterisation: 3x3 + 1x1 + identity branch). x2paddle adds the first input again in
+  place of every input after the second (x0 + x1 + x0); a chain of Adds is the same sum.
 
 The model input must have a static shape (the folding relies on it): pass ``input_shape`` to
 ``normalize`` to pin dynamic dimensions, otherwise a ``ModelError`` asks for a fixed-size export.
@@ -397,12 +400,37 @@ def split_to_slices(model: onnx.ModelProto) -> int:
     return changed
 
 
+def sum_to_adds(model: onnx.ModelProto) -> int:
+    """Rewrite ``Sum`` of three or more inputs into a chain of two-input Adds (same order)."""
+    graph = model.graph
+    names = _Names(graph)
+    new_nodes: list[onnx.NodeProto] = []
+    changed = 0
+    for node in graph.node:
+        if node.op_type != "Sum" or not _is_default_domain(node) or len(node.input) < 3:
+            new_nodes.append(node)
+            continue
+        base = node.name or node.output[0]
+        acc = node.input[0]
+        for i, term in enumerate(node.input[1:], start=1):
+            last = i == len(node.input) - 1
+            out = node.output[0] if last else names(f"{base}_partial{i}")
+            new_nodes.append(helper.make_node("Add", [acc, term], [out], name=names(f"{base}_add{i}")))
+            acc = out
+        changed += 1
+    if changed:
+        del graph.node[:]
+        graph.node.extend(new_nodes)
+    return changed
+
+
 # Order matters: Resize's operands must be constants before its empty inputs are filled.
 REWRITES: tuple[tuple[str, Callable[[onnx.ModelProto], int]], ...] = (
     ("drop_unit_pool_dilations", drop_unit_pool_dilations),
     ("fold_shape_constants", fold_shape_constants),
     ("fill_resize_optional_inputs", fill_resize_optional_inputs),
     ("split_to_slices", split_to_slices),
+    ("sum_to_adds", sum_to_adds),
 )
 
 
