@@ -102,6 +102,11 @@ class Config:
     # quantization
     skip_tensor_list: Optional[list] = _key(None, "weight/tensor names kept in float "
                                             "(e.g. from analysis.py)")
+    min_layer_snr_db: Optional[float] = _key(25.0, "convs whose 8-bit SNR, measured on the "
+                                             "calibration images, is below this stay float "
+                                             "(yoloquant/precision.py); null: no such check")
+    keep_regression_float: bool = _key(True, "keep the box-regression prediction convs (found "
+                                       "from the graph structure, yoloquant/head.py) float")
     PTQ: PTQConfig = field(default_factory=PTQConfig,
                            metadata={"help": "post-training quantization section", "choices": ()})
     # analysis (analysis.py)

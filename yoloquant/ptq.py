@@ -143,7 +143,15 @@ def upgrade_opset(model: onnx.ModelProto, sample: np.ndarray, input_name: str,
 
 def conv_output_thresholds(onnx_model: onnx.ModelProto, conv_names: list[str],
                            images: list[np.ndarray], input_name: str) -> dict[str, float]:
-    """Abs-max of each Conv's output over the calibration images (ONNX Runtime, float).
+    """Abs-max of each Conv's output over the calibration images (ONNX Runtime, float)."""
+    ranges = conv_output_ranges(onnx_model, conv_names, images, input_name)
+    return {n: max(-lo, hi) for n, (lo, hi) in ranges.items()}
+
+
+def conv_output_ranges(onnx_model: onnx.ModelProto, conv_names: list[str],
+                       images: list[np.ndarray], input_name: str) -> dict[str, tuple[float, float]]:
+    """(min, max) of each Conv's output over the calibration images (ONNX Runtime, float), 0
+    included.
 
     ONNX Runtime runs a Conv in int8 only when its output is requantized too; Paddle's PTQ
     calibrates Conv inputs, not the X2Paddle conv+bias output, so these ranges are measured here.
@@ -164,12 +172,13 @@ def conv_output_thresholds(onnx_model: onnx.ModelProto, conv_names: list[str],
     session = ort.InferenceSession(model.SerializeToString(), opts,
                                    providers=["CPUExecutionProvider"])
     names = list(outputs)
-    maxima = dict.fromkeys(names, 0.0)
+    lows, highs = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for img in images:
         values = session.run(names, {input_name: img[None]})
         for n, v in zip(names, values):
-            maxima[n] = max(maxima[n], float(np.abs(v).max()))
-    return {outputs[n]: m for n, m in maxima.items()}
+            lows[n] = min(lows[n], float(v.min()))
+            highs[n] = max(highs[n], float(v.max()))
+    return {outputs[n]: (lows[n], highs[n]) for n in names}
 
 
 # ---- the job ------------------------------------------------------------------------------
@@ -221,6 +230,10 @@ class Calibration:
     image_ids: list
     image_dir: str
     timer: Timer
+    # ONNX Conv name -> why it stays float (precision.choose_float_convs), and the 8-bit SNR
+    # measured for each conv (precision.LayerSNR)
+    float_reasons: dict = field(default_factory=dict)
+    layer_snr: dict = field(default_factory=dict)
 
     def onnx_to_paddle(self) -> dict:
         return {v: k for k, v in self.paddle_to_onnx.items()}
@@ -231,6 +244,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     """Convert, calibrate with Paddle's (fixed) PTQ into work_dir, and map scales to ONNX Convs."""
     from .calibration import calibration_loader, run_ptq
     from .convert import convert_onnx_to_paddle
+    from .precision import SNR_IMAGES, choose_float_convs, output_grid
     from .qdq import ConvQuantParams
 
     require(cfg, "model_dir")
@@ -247,40 +261,77 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
         converted = convert_onnx_to_paddle(cfg.model_dir, cache_dir=cfg.cache_dir,
                                            verify_image=images[0][None],
                                            tolerance=cfg.verify_tolerance)
-    check_skip_list(cfg.skip_tensor_list, _conv_weight_names(converted.model_file))
+    conv_weights = _conv_weight_names(converted.model_file)
+    check_skip_list(cfg.skip_tensor_list, conv_weights)
+    with timer("onnx_map"):
+        onnx_model = upgrade_opset(onnx.load(cfg.model_dir), images[0][None],
+                                   converted.onnx_input_name)
+        all_to_onnx = map_convs_to_onnx(onnx_model, paddle_params(
+            converted.model_file, converted.params_file, conv_weights))
+    float_reasons, layer_snr = {}, {}
+
+    def keep_float(thresholds: dict, ops) -> list[str]:
+        """Called by the PTQ once thresholds are known: measure every conv's 8-bit SNR with
+        them and name the weights of the convs that must stay float (in both runtimes)."""
+        with timer("layer_snr"):
+            candidates = [ConvQuantParams(
+                node_name=all_to_onnx[op.weights[0]],
+                input_threshold=max(float(thresholds[op.inputs[0]]), 1e-8),
+                weight_thresholds=np.asarray(thresholds[op.weights[0]], dtype=np.float64))
+                for op in ops if op.op_type in ("conv2d", "depthwise_conv2d") and op.inputs
+                and op.weights and op.weights[0] in all_to_onnx
+                and op.inputs[0] in thresholds and op.weights[0] in thresholds]
+            reasons, snr = choose_float_convs(onnx_model, candidates, images[:SNR_IMAGES],
+                                              converted.onnx_input_name, cfg.min_layer_snr_db,
+                                              cfg.keep_regression_float)
+        float_reasons.update(reasons)
+        layer_snr.update(snr)
+        to_paddle = {v: k for k, v in all_to_onnx.items()}
+        return [to_paddle[name] for name in reasons]
+
     with timer("ptq"):
         loader = calibration_loader(images, converted.paddle_input_name, cfg.PTQ.batch_size)
         result = run_ptq(_ptq_settings(cfg, algo), loader, str(converted.model_dir),
                          converted.model_file.name, converted.params_file.name, str(work_dir),
-                         save_model_filename=PADDLE_MODEL)
+                         save_model_filename=PADDLE_MODEL, before_update=keep_float)
     with timer("onnx_scales"):
-        onnx_model = upgrade_opset(onnx.load(cfg.model_dir), images[0][None],
-                                   converted.onnx_input_name)
-        # a conv skipped via skip_tensor_list still reads its (float) weight, so it is listed
-        # with weights but no quantized input: it has no scales and stays float
+        # a conv skipped via skip_tensor_list (or keep_float) still reads its (float) weight, so
+        # it is listed with weights but no quantized input: it has no scales and stays float
         conv_ops = [op for op in result.quantized_ops
                     if op.op_type in ("conv2d", "depthwise_conv2d") and op.weights and op.inputs]
-        weights = paddle_params(converted.model_file, converted.params_file,
-                                [op.weights[0] for op in conv_ops])
-        to_onnx = map_convs_to_onnx(onnx_model, weights)
-        out_thresholds = conv_output_thresholds(onnx_model, list(to_onnx.values()), images,
-                                                converted.onnx_input_name)
+        to_onnx = {op.weights[0]: all_to_onnx[op.weights[0]] for op in conv_ops}
+        out_ranges = conv_output_ranges(onnx_model, list(to_onnx.values()), images,
+                                        converted.onnx_input_name)
         params = [ConvQuantParams(
             node_name=to_onnx[op.weights[0]],
             input_threshold=float(result.thresholds[op.inputs[0]]),
             weight_thresholds=np.asarray(result.thresholds[op.weights[0]], dtype=np.float64),
-            output_threshold=out_thresholds[to_onnx[op.weights[0]]]) for op in conv_ops]
+            **output_grid(onnx_model, to_onnx[op.weights[0]], *out_ranges[to_onnx[op.weights[0]]]))
+            for op in conv_ops]
     return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,
-                       image_ids, str(calib.image_dir), timer)
+                       image_ids, str(calib.image_dir), timer, float_reasons, layer_snr)
 
 
 def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8") -> onnx.ModelProto:
-    """The original ONNX graph with every calibrated Conv quantized except `float_nodes`."""
+    """The original ONNX graph with every calibrated Conv quantized except `float_nodes`.
+
+    A conv whose output reaches a float conv's input is not requantized (ONNX Runtime then runs
+    it in float): the float conv is float because that tensor cannot take 8 bits.
+    """
+    from dataclasses import replace
+
+    from .head import conv_producers
     from .qdq import insert_qdq
 
     keep = set(float_nodes)
-    return insert_qdq(cal.onnx_model, [p for p in cal.conv_params if p.node_name not in keep],
-                      activation_type=activation_type)
+    params = [p for p in cal.conv_params if p.node_name not in keep]
+    quantized = {p.node_name for p in params}
+    float_convs = [n.name for n in cal.onnx_model.graph.node
+                   if n.op_type == "Conv" and n.name not in quantized]
+    feeding_float = conv_producers(cal.onnx_model, float_convs)
+    params = [replace(p, output_threshold=None, output_range=None) if p.node_name in feeding_float
+              else p for p in params]
+    return insert_qdq(cal.onnx_model, params, activation_type=activation_type)
 
 
 def run_summary(cal: Calibration, activation_type: str, started: str, command: str,
@@ -306,7 +357,9 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
                       "skipped_by_user": list(cfg.skip_tensor_list or [])},
         "kept_float": {"onnx_nodes": len(kept),
                        "conv_nodes": sorted(n.name for n in kept if n.op_type == "Conv"),
+                       "conv_reasons": dict(sorted(cal.float_reasons.items())),
                        "op_types": sorted({n.op_type for n in kept})},
+        "layer_snr_db": {k: round(v.snr_db, 2) for k, v in cal.layer_snr.items()},
         "outputs": {"paddle_model": PADDLE_MODEL, "paddle_params": PADDLE_PARAMS,
                     "qdq_onnx": QDQ_ONNX},
         "versions": package_versions(),

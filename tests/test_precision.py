@@ -1,0 +1,136 @@
+"""precision.py (which convs stay float, by measured 8-bit SNR) and head.py (the detection head
+read from graph structure)."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from yoloquant.head import activation_after, conv_producers, regression_convs
+from yoloquant.precision import choose_float_convs, layer_snr, output_grid, silu_clip
+from yoloquant.qdq import QMAX, ConvQuantParams
+
+pytest.importorskip("onnxruntime")
+
+
+def two_conv_model():
+    """X (2 channels) -> depthwise 1x1 'dw' (weights 1, 1) -> Y1;  X -> 1x1 'pw' (2 -> 1) -> Y2.
+    Channel 0 of X spans ~100, channel 1 ~0.1: one per-tensor grid cannot serve both. The graph
+    outputs are Sigmoid(Y1), Sigmoid(Y2): scores, so neither conv counts as a regression conv."""
+    w_dw = numpy_helper.from_array(np.ones((2, 1, 1, 1), np.float32), "w_dw")
+    w_pw = numpy_helper.from_array(np.array([[[[1.0]], [[0.0]]]], np.float32), "w_pw")
+    nodes = [helper.make_node("Conv", ["X", "w_dw"], ["Y1"], name="dw", group=2),
+             helper.make_node("Conv", ["X", "w_pw"], ["Y2"], name="pw"),
+             helper.make_node("Sigmoid", ["Y1"], ["S1"], name="sig1"),
+             helper.make_node("Sigmoid", ["Y2"], ["S2"], name="sig2")]
+    graph = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 2, 8, 8])],
+                              [helper.make_tensor_value_info("S1", TensorProto.FLOAT, [1, 2, 8, 8]),
+                               helper.make_tensor_value_info("S2", TensorProto.FLOAT, [1, 1, 8, 8])],
+                              initializer=[w_dw, w_pw])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def images(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.stack([rng.random((8, 8)) * 100, rng.random((8, 8)) * 0.1]).astype(np.float32) for _ in range(n)]
+
+
+def fake_quant(x, threshold):
+    """uint8 grid with zero point 128, as the probe and insert_qdq use."""
+    s = np.float32(threshold / QMAX)
+    return ((np.clip(np.round(x / s) + 128, 0, 255) - 128) * s).astype(np.float64)
+
+
+def test_layer_snr_matches_a_numpy_reference():
+    model, imgs = two_conv_model(), images()
+    t = max(float(np.abs(i).max()) for i in imgs)
+    params = [ConvQuantParams("dw", t, np.array([1.0, 1.0])), ConvQuantParams("pw", t, np.array([1.0]))]
+    snr = layer_snr(model, params, imgs, "X")
+    x = np.stack(imgs).astype(np.float64)
+    xq = fake_quant(x, t)
+    # dw: per output channel (= per input channel here) error / variance, averaged, in dB
+    nsr = [((xq[:, c] - x[:, c]) ** 2).mean() / x[:, c].var() for c in range(2)]
+    assert snr["dw"].snr_db == pytest.approx(-10 * np.log10(np.mean(nsr)), abs=0.05)
+    assert snr["dw"].worst_channel_db == pytest.approx(-10 * np.log10(max(nsr)), abs=0.05)
+    assert snr["dw"].live_channels == 2
+    # pw reads only the wide channel (weight 0 on the narrow one): fine in 8 bits
+    nsr_pw = ((xq[:, 0] - x[:, 0]) ** 2).mean() / x[:, 0].var()
+    assert snr["pw"].snr_db == pytest.approx(-10 * np.log10(nsr_pw), abs=0.05)
+    assert snr["pw"].snr_db > 35 and snr["dw"].snr_db < 10
+
+
+def test_choose_float_convs_keeps_the_coarse_depthwise_conv_float():
+    model, imgs = two_conv_model(), images()
+    t = max(float(np.abs(i).max()) for i in imgs)
+    params = [ConvQuantParams("dw", t, np.array([1.0, 1.0])), ConvQuantParams("pw", t, np.array([1.0]))]
+    reasons, snr = choose_float_convs(model, params, imgs, "X")
+    assert set(reasons) == {"dw"} and "SNR" in reasons["dw"]
+    assert set(snr) == {"dw", "pw"}
+    # a dead output channel (no variance) carries nothing: it is not counted
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.array([1, 0], np.float32).reshape(2, 1, 1, 1),
+                                                                "w_dw"))
+    snr = layer_snr(model, params[:1], imgs, "X")
+    assert snr["dw"].live_channels == 1 and snr["dw"].snr_db > 35
+
+
+def test_layer_snr_errors():
+    model = two_conv_model()
+    with pytest.raises(Exception, match="not a Conv"):
+        layer_snr(model, [ConvQuantParams("nope", 1.0, np.array([1.0]))], images(1), "X")
+    with pytest.raises(Exception, match="at least one image"):
+        layer_snr(model, [ConvQuantParams("dw", 1.0, np.array([1.0, 1.0]))], [], "X")
+
+
+def test_silu_clip_bounds_the_clipping_error_by_half_a_step():
+    for low, high in [(-30.0, 6.0), (-5.0, 50.0), (-100.0, 0.5)]:
+        lo = silu_clip(low, high)
+        assert low <= lo < -1.28
+        step = (high - lo) / 255
+        assert abs(lo / (1 + np.exp(-lo))) <= step / 2 + 1e-9
+    assert silu_clip(-0.5, 6.0) == -0.5  # nothing to clip
+
+
+def head_model():
+    """X -> backbone conv 'b' (SiLU) -> MaxPool -> Concat(., X2) -> 'score' conv -> Sigmoid -> out
+                                                                  -> 'reg' conv (raw)       -> out
+                                                   'r' conv -> Relu -> Concat"""
+    rng = np.random.default_rng(0)
+
+    def w(name, cout, cin):
+        return numpy_helper.from_array(rng.standard_normal((cout, cin, 1, 1)).astype(np.float32), name)
+
+    nodes = [helper.make_node("Conv", ["X", "wb"], ["b"], name="b"),
+             helper.make_node("Sigmoid", ["b"], ["b_sig"], name="b_sigmoid"),
+             helper.make_node("Mul", ["b", "b_sig"], ["b_act"], name="b_mul"),
+             helper.make_node("MaxPool", ["b_act"], ["p"], name="pool", kernel_shape=[1, 1]),
+             helper.make_node("Conv", ["X", "wr"], ["r"], name="r"),
+             helper.make_node("Relu", ["r"], ["r_act"], name="r_relu"),
+             helper.make_node("Concat", ["p", "r_act"], ["cat"], name="cat", axis=1),
+             helper.make_node("Conv", ["cat", "ws"], ["s"], name="score"),
+             helper.make_node("Sigmoid", ["s"], ["s_sig"], name="s_sigmoid"),
+             helper.make_node("Conv", ["cat", "wg"], ["g"], name="reg"),
+             helper.make_node("Concat", ["g", "s_sig"], ["out"], name="out_cat", axis=1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 5, 4, 4])],
+                              initializer=[w("wb", 4, 3), w("wr", 4, 3), w("ws", 1, 8), w("wg", 4, 8)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_head_structure():
+    model = head_model()
+    onnx.checker.check_model(model)
+    assert regression_convs(model) == {"reg"}  # 'score' reaches the output only through Sigmoid
+    assert conv_producers(model, ["score"]) == {"b", "r"}  # through MaxPool, activations, Concat
+    assert conv_producers(model, ["b"]) == set()  # reads the graph input
+    assert activation_after(model, "b") == "SiLU"
+    assert activation_after(model, "r") == "Relu"
+    assert activation_after(model, "reg") is None
+
+
+def test_output_grid_follows_the_activation():
+    model = head_model()
+    assert output_grid(model, "r", -3.0, 5.0) == {"output_range": (0.0, 5.0)}
+    lo, hi = output_grid(model, "b", -40.0, 8.0)["output_range"]
+    assert hi == 8.0 and -40.0 < lo < -1.28
+    assert output_grid(model, "reg", -3.0, 5.0) == {"output_threshold": 5.0}

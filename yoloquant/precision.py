@@ -1,0 +1,215 @@
+"""Which convs can run in 8 bits, decided from measurements on the calibration images.
+
+Why (measured on YOLOX-nano, val2017_mini, float mAP@0.5:0.95 0.2999; every conv quantized
+with Paddle's 'avg' thresholds gave 0.0027 in ONNX Runtime and 0.0862 in Paddle oneDNN int8):
+activations are quantized per tensor, so a tensor whose channels span very different ranges
+loses its small channels. In YOLOX-nano the stem conv (after the Focus space-to-depth, on
+unnormalised 0-255 input) produces channels with abs-max from 0.16 to 139.6; its per-tensor
+step (0.74 for the next conv's input, 1.1 for its requantized output) rounds five of the
+16 channels to almost nothing, and the depthwise conv reading them multiplies exactly those
+channels by weights up to 11.4 (the folded BatchNorm restores their scale). Quantizing that one
+tensor alone took the head outputs to 0.3-7 dB SNR. Depthwise convs are where this shows: each
+output channel sees one input channel, so nothing averages the loss out. Pointwise convs of the
+same model lose 25-33 dB; depthwise ones -2 to 32 dB.
+
+The measurement (``layer_snr``): each conv is run twice on the same float input, once float and
+once with its input and weights quantized as deployed (per-tensor input grid from the
+calibrated threshold, per-channel int8 weights). Per output channel, the error power relative
+to the channel's variance; averaged over live channels (dead ones, with no variance, carry no
+information); in dB. Channels are averaged, not pooled, because after the folded BatchNorm of
+the next layer every channel matters by its own scale: one channel lost of 16 is a 12 dB
+layer even if that channel's values were tiny. One forward pass of a model holding both
+copies of every conv, on a few images: a few seconds.
+
+Convs under ``MIN_LAYER_SNR_DB`` (config ``min_layer_snr_db``) stay float in both runtimes; so
+do the regression prediction convs (``head.regression_convs``, config ``keep_regression_float``).
+Measured on val2017_mini with 'avg' calibration on 32 train images:
+- YOLOX-nano: 19 convs under the threshold (most of them depthwise) + 3 regression convs, of 113.
+  mAP 0.2949 in ONNX Runtime, 0.2880 in Paddle oneDNN int8 (float 0.2999); with every conv
+  quantized 0.003 / 0.086 (tests/test_ptq.py::test_yolox_nano_int8_keeps_accuracy_in_both_runtimes).
+- YOLOv5n: 4 of 60 convs under the threshold (21.5-23.7 dB: /model.1, /model.2 cv1 and cv2,
+  /model.10).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .errors import ModelError
+from .head import activation_after, regression_convs
+from .qdq import QMAX, ConvQuantParams, _quantize_weight
+
+log = logging.getLogger("yoloquant")
+
+# 8-bit convs with a sensibly used range measure 25-40 dB here (YOLOX-nano pointwise convs
+# 22.6-40, YOLOv5n 26-44); the layers that broke YOLOX-nano were at -2 to 24 dB.
+MIN_LAYER_SNR_DB = 25.0
+SNR_IMAGES = 4  # calibration images the SNR is measured on
+DEAD_CHANNEL = 1e-6  # a channel whose variance is below this fraction of the mean has none
+
+
+@dataclass(frozen=True)
+class LayerSNR:
+    node_name: str
+    snr_db: float  # mean over live output channels of error / variance, in dB
+    worst_channel_db: float
+    live_channels: int
+
+
+def _probe_model(model: onnx.ModelProto, params: Sequence[ConvQuantParams]):
+    """The float graph plus, for every conv in params, a copy reading Q/DQ(input) with
+    dequantized int8 weights. Returns (model, [(conv name, float output, quantized output)])."""
+    probe = copy.deepcopy(model)
+    graph = probe.graph
+    by_name = {n.name: n for n in graph.node}
+    inits = {i.name: i for i in graph.initializer}
+    taken = {t for n in graph.node for t in (*n.input, *n.output)} | set(inits) | \
+        {i.name for i in graph.input}
+    new_nodes, new_inits, pairs, shared = [], [], [], {}
+
+    def fresh(base):
+        name, k = base, 1
+        while name in taken:
+            name, k = f"{base}_{k}", k + 1
+        taken.add(name)
+        return name
+
+    for p in params:
+        conv = by_name.get(p.node_name)
+        if conv is None or conv.op_type != "Conv" or conv.input[1] not in inits:
+            raise ModelError(f"layer_snr: {p.node_name!r} is not a Conv with a constant weight")
+        x = conv.input[0]
+        scale = np.float32(p.input_threshold / QMAX)
+        key = (x, float(scale))
+        if key not in shared:  # one Q/DQ per (tensor, scale), as insert_qdq does
+            s, z = fresh(f"{x}_snr_scale"), fresh(f"{x}_snr_zp")
+            q, dq = fresh(f"{x}_snr_q"), fresh(f"{x}_snr_dq")
+            new_inits += [numpy_helper.from_array(np.array(scale), s),
+                          numpy_helper.from_array(np.array(128, np.uint8), z)]
+            new_nodes += [helper.make_node("QuantizeLinear", [x, s, z], [q]),
+                          helper.make_node("DequantizeLinear", [q, s, z], [dq])]
+            shared[key] = dq
+        w = numpy_helper.to_array(inits[conv.input[1]])
+        q_w, s_w, per_channel = _quantize_weight(w, p)
+        s_w = np.asarray(s_w, np.float32).reshape((-1,) + (1,) * (w.ndim - 1)) if per_channel else s_w
+        wq = fresh(f"{conv.input[1]}_snr_w")
+        new_inits.append(numpy_helper.from_array((q_w.astype(np.float32) * s_w).astype(np.float32), wq))
+        twin = copy.deepcopy(conv)
+        twin.name = fresh(f"{conv.name}_snr")
+        twin.input[0], twin.input[1] = shared[key], wq
+        del twin.output[:]
+        y_q = fresh(f"{conv.output[0]}_snr_out")
+        twin.output.append(y_q)
+        new_nodes.append(twin)
+        pairs.append((conv.name, conv.output[0], y_q))
+    graph.node.extend(new_nodes)
+    graph.initializer.extend(new_inits)
+    existing = {o.name for o in graph.output}
+    for _, y, y_q in pairs:
+        for t in (y, y_q):
+            if t not in existing:
+                graph.output.append(onnx.ValueInfoProto(name=t))
+                existing.add(t)
+    return probe, pairs
+
+
+def layer_snr(model: onnx.ModelProto, params: Sequence[ConvQuantParams], images: Sequence[np.ndarray],
+              input_name: str) -> dict[str, LayerSNR]:
+    """8-bit SNR of each conv in ``params`` on ``images`` (CHW float arrays); see the module doc."""
+    import onnxruntime as ort
+
+    if not params:
+        return {}
+    if not len(images):
+        raise ModelError("layer_snr needs at least one image")
+    probe, pairs = _probe_model(model, params)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    # no graph rewrites: ORT would otherwise fold our Q/DQ into int8 kernels with their own rounding
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several private exception types for bad models
+        raise ModelError(f"layer_snr: ONNX Runtime cannot load the probe model: {exc}") from exc
+    names = [t for _, y, y_q in pairs for t in (y, y_q)]
+    sums: dict[str, list] = {}
+    for img in images:
+        values = dict(zip(names, session.run(names, {input_name: np.asarray(img, np.float32)[None]})))
+        for conv, y, y_q in pairs:
+            f = values[y].astype(np.float64)
+            e = values[y_q].astype(np.float64) - f
+            axes = (0,) + tuple(range(2, f.ndim))
+            acc = sums.setdefault(conv, [0, 0.0, 0.0, 0.0])
+            acc[0] += f.size // f.shape[1]
+            acc[1] = acc[1] + f.sum(axis=axes)
+            acc[2] = acc[2] + (f * f).sum(axis=axes)
+            acc[3] = acc[3] + (e * e).sum(axis=axes)
+    result = {}
+    for conv, (n, s1, s2, se) in sums.items():
+        var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
+        mse = se / n
+        live = var > DEAD_CHANNEL * max(var.mean(), 1e-30)
+        if not live.any():  # a conv with constant output: nothing to lose
+            result[conv] = LayerSNR(conv, float("inf"), float("inf"), 0)
+            continue
+        nsr = mse[live] / var[live]
+        result[conv] = LayerSNR(conv, float(-10 * np.log10(max(nsr.mean(), 1e-30))),
+                                float(-10 * np.log10(max(nsr.max(), 1e-30))), int(live.sum()))
+    return result
+
+
+def choose_float_convs(model: onnx.ModelProto, params: Sequence[ConvQuantParams],
+                       images: Sequence[np.ndarray], input_name: str,
+                       min_snr_db: Optional[float] = MIN_LAYER_SNR_DB,
+                       keep_regression: bool = True) -> tuple[dict[str, str], dict[str, LayerSNR]]:
+    """({conv name: why it stays float}, {conv name: LayerSNR}) for the convs in ``params``.
+
+    ``min_snr_db`` None: no SNR is measured (and none is returned); ``keep_regression`` False:
+    regression prediction convs are treated like any other conv."""
+    names = {p.node_name for p in params}
+    reasons = {c: "regression prediction conv: its output is decoded without a squashing op "
+                  "(box offsets/sizes scaled by the stride)"
+               for c in sorted(regression_convs(model) & names)} if keep_regression else {}
+    if min_snr_db is None:
+        return reasons, {}
+    snr = layer_snr(model, [p for p in params if p.node_name not in reasons], images, input_name)
+    for name, s in snr.items():
+        if s.snr_db < min_snr_db:
+            reasons[name] = (f"8-bit SNR {s.snr_db:.1f} dB < {min_snr_db:g} dB (worst channel "
+                             f"{s.worst_channel_db:.1f} dB): per-tensor input range too coarse for "
+                             "some of its channels")
+    if reasons:
+        log.info("keeping %d of %d convs float: %s", len(reasons), len(names),
+                 "; ".join(f"{k}: {v}" for k, v in list(reasons.items())[:6])
+                 + (" ..." if len(reasons) > 6 else ""))
+    return reasons, snr
+
+
+def silu_clip(low: float, high: float, levels: int = 255) -> float:
+    """Lower end of an 8-bit grid for a conv output that only a SiLU reads.
+
+    SiLU maps every x below -1.28 into (-0.28, 0), so the grid need not reach the conv's most
+    negative value: clipping at -L costs at most |silu(-L)|. The smallest L with
+    |silu(-L)| <= step / 2 (step = (high + L) / levels) keeps that below the rounding error."""
+    for L in np.arange(1.3, 40.0, 0.05):
+        if L / (1.0 + np.exp(L)) <= (high + L) / levels / 2:
+            return float(max(low, -L))
+    return float(low)
+
+
+def output_grid(model: onnx.ModelProto, conv_name: str, low: float, high: float) -> dict:
+    """ConvQuantParams fields (``output_threshold`` or ``output_range``) for a conv whose raw
+    output spans [low, high] on the calibration images: asymmetric for SiLU / ReLU readers,
+    whose negative side hardly matters (ReLU: not at all), symmetric otherwise."""
+    act = activation_after(model, conv_name)
+    if high > 0 and act == "Relu":
+        return {"output_range": (0.0, float(high))}
+    if high > 0 and act == "SiLU":
+        return {"output_range": (min(silu_clip(low, high), 0.0), float(high))}
+    return {"output_threshold": max(abs(low), abs(high), 1e-8)}
