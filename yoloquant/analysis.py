@@ -812,7 +812,10 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
         elif (save / CHECKPOINT).is_file():
             log.info("starting over (pass --resume to continue the checkpoint in %s)", save)
         with tempfile.TemporaryDirectory(prefix="yoloquant-analysis-") as work, timer("calibrate"):
-            cal = calibrate(cfg, work)  # once: every variant below reuses these scales
+            # once: every variant below reuses these scales. post_quant's automatic float
+            # choices are off: this tool measures every conv and makes that choice itself.
+            cal = calibrate(dataclasses.replace(cfg, min_layer_snr_db=None,
+                                                keep_regression_float=False), work)
         save_calibration(cal, save / CALIBRATION)
 
     heads = head_tensors(cal.onnx_model)
@@ -962,9 +965,10 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
         return m
 
     n = len(order)
-    if n not in known:
+    # all-int8 already meeting the target ends the search before anything is kept float
+    if known[0] < target and n not in known:
         known[n] = evaluate(n)
-    if known[n] < target:
+    if known[0] < target and known[n] < target:
         raise ConfigError(f"even with all {n} analysed convs float the mAP is {known[n]:.4f}, below "
                           f"target_metric {target:.4f}: widen analysis_layers (null: every conv) or "
                           "lower target_metric")
@@ -975,8 +979,11 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
     while True:
         skip = user_skip + [names[node] for node in order[:k]]
         with timer("target_quantize"):
-            saved = quantize(dataclasses.replace(cfg, skip_tensor_list=skip or None), out_dir,
-                             algo=cal.algo)
+            # the automatic float choices stay off, as in the sweep: the saved model is the
+            # one the search measured
+            saved = quantize(dataclasses.replace(cfg, skip_tensor_list=skip or None,
+                                                 min_layer_snr_db=None, keep_regression_float=False),
+                             out_dir, algo=cal.algo)
         confirmed = runner.measure(onnx.load(str(out_dir / QDQ_ONNX)), with_map=True)
         evaluations.append("saved")
         if confirmed.map50_95 >= target or k >= n:
@@ -1001,7 +1008,9 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
                f"{len(runner.images)} images of {runner.images.anno_path.name}\n"
                f"# measured {confirmed.map50_95:.4f} (float {reference['float_map']:.4f}, all int8 "
                f"{reference['int8_map']:.4f}); paste into a post_quant.py config:\n"
-               f"skip_tensor_list: {json.dumps(skip)}\n")
+               f"skip_tensor_list: {json.dumps(skip)}\n"
+               "# the convs analysis.py measured were chosen with the automatic float choices off:\n"
+               "min_layer_snr_db: null\nkeep_regression_float: false\n")
     _write_text(Path(cfg.save_dir) / SKIP_YAML, snippet)
     if not found["met"]:
         log.warning("no model met target_metric %.4f; the saved one keeps every analysed conv "
