@@ -237,3 +237,20 @@ def test_real_models_normalize_exactly(name):
         assert counts["fill_resize_optional_inputs"] == 2
         assert counts["split_to_slices"] == 3
         assert not {"Shape", "Split"} & set(ops(model))
+
+
+def test_conv_weights_given_as_constant_nodes_become_initializers():
+    """paddle2onnx writes conv weights as Constant nodes; the Q/DQ writer reads initializers."""
+    from yoloquant.onnx_normalize import conv_constants_to_initializers
+
+    w = np.random.default_rng(0).standard_normal((2, 3, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["W"], value=numpy_helper.from_array(w, "ignored")),
+             helper.make_node("Conv", ["X", "W"], ["Y"], name="conv")]
+    original = make_model(nodes, [vinfo("X", [1, 3, 4, 4])], [vinfo("Y", [1, 2, 4, 4])])
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    assert conv_constants_to_initializers(model) == 1
+    assert ops(model) == ["Conv"] and [i.name for i in model.graph.initializer] == ["W"]
+    onnx.checker.check_model(model)
+    assert_same_outputs(original, model, (1, 3, 4, 4), atol=0)
+    assert conv_constants_to_initializers(model) == 0

@@ -19,7 +19,8 @@ Inputs are prepared exactly as the evaluation does (yoloquant.preprocess.letterb
 decodes the head in the graph like YOLOv5's export, so the ONNX output is [1, N, 5 + C]:
 cx, cy, w, h in input pixels, sigmoid objectness, C sigmoid class scores (config arch: YOLOv5).
 At the end the ONNX model is checked against the Paddle model and scored with the project's
-validator on the val split, and the recipe + results are written beside it (.md).
+validator on the val split, and the recipe + results are written beside it (<out>.json:
+command, hyper-parameters, anchors, timings, val mAP).
 """
 from __future__ import annotations
 
@@ -415,9 +416,9 @@ def main() -> int:
     parser.add_argument("--data", default=str(DEFAULT_DIR),
                         help="demo data folder; generated when missing (default: cache/demo_data)")
     parser.add_argument("--out", default=str(ROOT / "models" / "demo_shapes.onnx"))
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=4e-3)
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--img_size", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_steps", type=int, default=None,
@@ -446,8 +447,10 @@ def main() -> int:
     opt = paddle.optimizer.AdamW(learning_rate=args.lr, parameters=model.parameters(),
                                  weight_decay=0.05, apply_decay_param_fun=lambda n: n in decay_names)
     ema = ModelEMA(model, decay=0.999, tau=300)
+    # YOLOv5 scales its class gain by nc / 80 (0.03 for 5 classes); its unscaled 0.5 let the
+    # class loss swamp the rest here (3 epochs at lr 0.01: val mAP 0.127 with 0.5, 0.478 with 0.1)
     hyp = {"box": 0.05, "obj": 1.0 * (args.img_size / 640) ** 2 * 3 / len(STRIDES),
-           "cls": 0.5 * 3 / len(STRIDES)}
+           "cls": 0.1 * 3 / len(STRIDES)}
     steps_per_epoch = len(images) // args.batch_size
     total = steps_per_epoch * args.epochs
     warmup = min(300, total // 5)
@@ -520,8 +523,10 @@ def main() -> int:
         "history": history, "paddle": paddle.__version__,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
     }
+    text = json.dumps(summary, indent=2) + "\n"
+    out.with_suffix(".json").write_text(text)
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n")
+        Path(args.summary_json).write_text(text)
     print(json.dumps(summary, indent=2))
     return 0
 

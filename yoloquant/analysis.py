@@ -45,6 +45,7 @@ import onnx
 from onnx import numpy_helper
 
 from .config import Config, load_config, require, to_dict
+from .demo_data import maybe_generate_for
 from .errors import ConfigError, ModelError
 from .fileio import write_json
 from .provenance import Timer, file_sha256, machine, package_versions
@@ -1028,6 +1029,7 @@ def analysis_command(config_path: str, device: str = "cpu", resume: bool = False
     root.setLevel(level)  # or the per-layer progress lines of a long run are never shown
     check_device(device)
     cfg = load_config(config_path)
+    maybe_generate_for(cfg)  # the offline demo's data set, generated on first use
     result = run_analysis(cfg, resume=resume)
     save = result.save_dir
     print((save / RANK_TXT).read_text())

@@ -25,9 +25,13 @@ def setup_logging(verbose: bool = False) -> None:
     log.propagate = False
 
 
-def add_common_flags(parser: argparse.ArgumentParser, config_required: bool = True) -> None:
-    parser.add_argument("--config_path", required=config_required,
-                        help="YAML config (see configs/ and the README's key reference)")
+DEMO_CONFIG = "configs/demo.yaml"
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config_path", default=DEMO_CONFIG,
+                        help="YAML config (see configs/ and the README's key reference; default: "
+                             f"{DEMO_CONFIG}, the offline demo, run from the repository root)")
     parser.add_argument("--devices", default="cpu", choices=DEVICES,
                         help="device to run Paddle on (default: cpu)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")

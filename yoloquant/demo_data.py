@@ -289,7 +289,7 @@ def is_demo_dataset_dir(dataset_dir: Union[str, os.PathLike]) -> bool:
 def maybe_generate_for(cfg) -> Optional[Path]:
     """Generate the demo data set when a loaded config needs it and it is missing.
 
-    For the lead's scripts: call right after ``load_config`` in post_quant/eval. Acts only when
+    Every job calls it right after ``load_config``. Acts only when
     ``cfg.dataset_dir`` is the default demo folder (:func:`is_demo_dataset_dir`), so configs
     for real data are never touched. Returns the folder when it acted (generated or found up
     to date), else None. Takes ~10 s for the default 2000 + 300 images when generating.

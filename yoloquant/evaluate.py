@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config, load_config, require
+from .demo_data import maybe_generate_for
 from .errors import ConfigError
 from .fileio import write_json
 from .runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles, open_backend
@@ -53,6 +54,7 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
 
     check_device(device)
     cfg = load_config(config_path)
+    maybe_generate_for(cfg)  # the offline demo's data set, generated on first use
     results: list[EvalResult] = []
     if model is not None:
         if runtime is not None:

@@ -14,6 +14,7 @@ from typing import Optional
 import onnx
 
 from .config import Config, load_config
+from .demo_data import maybe_generate_for
 from .errors import ConfigError
 from .fileio import staging_dir, write_json
 from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, build_qdq, calibrate,
@@ -82,6 +83,7 @@ def fine_tune_command(config_path: str, save_dir: str, algo: Optional[str] = Non
 
     check_device(device)
     cfg = load_config(config_path)
+    maybe_generate_for(cfg)  # the offline demo's data set, generated on first use
     if algo:
         cfg.PTQ.algo = algo
     settings = settings_from(cfg, recon_level, simulate_activation_quant, epochs, lr, limit)

@@ -435,6 +435,27 @@ REWRITES: tuple[tuple[str, Callable[[onnx.ModelProto], int]], ...] = (
 
 
 # ----------------------------------------------------------------------------- entry point
+def conv_constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Move the ``Constant`` nodes that give a Conv its weight or bias into initializers (in
+    place; returns how many moved). Some exporters (paddle2onnx, torch with constant folding
+    off) write weights as Constant nodes; the Q/DQ writer and the weight matching read
+    initializers. Same values, same names: an exact rewrite."""
+    graph = model.graph
+    wanted = {name for n in graph.node if n.op_type == "Conv" for name in n.input[1:3]}
+    moved = []
+    for node in graph.node:
+        if (node.op_type == "Constant" and _is_default_domain(node) and node.output[0] in wanted
+                and len(node.attribute) == 1 and node.attribute[0].name == "value"):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(node.attribute[0].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved.append(node)
+    for node in moved:
+        graph.node.remove(node)
+    return len(moved)
+
+
 def _fix_input_shape(model: onnx.ModelProto, input_shape: Sequence[int] | None) -> int:
     """Check the feed is static; pin its dynamic dims from ``input_shape`` if given."""
     inputs = _real_inputs(model.graph)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from .config import Config, load_config, require, to_dict
+from .demo_data import maybe_generate_for
 from .data import CocoDetection, ImageFolder, iterate_batches
 from .errors import ConfigError, DataError, ModelError
 from .fileio import staging_dir, write_json
@@ -244,6 +245,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     """Convert, calibrate with Paddle's (fixed) PTQ into work_dir, and map scales to ONNX Convs."""
     from .calibration import calibration_loader, run_ptq
     from .convert import convert_onnx_to_paddle
+    from .onnx_normalize import conv_constants_to_initializers
     from .precision import SNR_IMAGES, choose_float_convs, output_grid
     from .qdq import ConvQuantParams
 
@@ -264,8 +266,9 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     conv_weights = _conv_weight_names(converted.model_file)
     check_skip_list(cfg.skip_tensor_list, conv_weights)
     with timer("onnx_map"):
-        onnx_model = upgrade_opset(onnx.load(cfg.model_dir), images[0][None],
-                                   converted.onnx_input_name)
+        onnx_model = onnx.load(cfg.model_dir)
+        conv_constants_to_initializers(onnx_model)
+        onnx_model = upgrade_opset(onnx_model, images[0][None], converted.onnx_input_name)
         all_to_onnx = map_convs_to_onnx(onnx_model, paddle_params(
             converted.model_file, converted.params_file, conv_weights))
     float_reasons, layer_snr = {}, {}
@@ -417,6 +420,7 @@ def post_quant_command(config_path: str, save_dir: str, algo: Optional[str] = No
     from .cli import check_device
     check_device(device)
     cfg = load_config(config_path)
+    maybe_generate_for(cfg)  # the offline demo's data set, generated on first use
     if algo:
         cfg.PTQ.algo = algo
     result = quantize(cfg, save_dir)
