@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from yoloquant.assets import asset, have_assets
+from yoloquant.assets import have_assets
 from yoloquant.config import config_from_dict, load_config
 from yoloquant.errors import ConfigError, DataError, ModelError
 from yoloquant.ptq import (QDQ_ONNX, SUMMARY, check_skip_list, map_convs_to_onnx, quantize,

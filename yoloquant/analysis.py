@@ -836,7 +836,7 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
                       "reference": reference, "layers": layers, "results": {},
                       "calibration": CALIBRATION}
         write_json(save / CHECKPOINT, checkpoint)
-    reference, layers, results = checkpoint["reference"], checkpoint["layers"], checkpoint["results"]
+    reference, layers = checkpoint["reference"], checkpoint["layers"]
     log.info("float mAP %.4f, all-int8 mAP %.4f on %d images; %d convs to analyse",
              reference["float_map"], reference["int8_map"], len(images), len(layers))
     _check_target(cfg, reference["float_map"], len(images))
