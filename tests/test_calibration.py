@@ -10,7 +10,7 @@ from paddle.static.quantization.cal_kl_threshold import (cal_kl_threshold, expan
 
 from yoloquant.calibration import (FixedPostTrainingQuantization, PTQSettings, SUPPORTED_ALGOS,
                                    _kl_candidates, calibration_loader, kl_divergences,
-                                   kl_threshold, run_ptq)
+                                   kl_threshold, run_ptq, search_candidates)
 from yoloquant.errors import ConfigError, ModelError
 
 BINS = 2048
@@ -151,6 +151,46 @@ def test_kl_fallback_when_every_candidate_is_skipped():
     hist = np.zeros(BINS, np.int64)
     hist[:100] = 5  # all mass below the first candidate: upstream walks back to bin 99
     assert kl_threshold(hist, 0.5, 8) == cal_kl_threshold(hist, 0.5, 8) == 99.5 * 0.5
+
+
+def search_thresholds(batches, loss, cls):
+    """Activation threshold of one tensor after `batches` through `cls`'s mse/emd sampling step
+    (upstream's PostTrainingQuantization or ours), without running a model."""
+    scope = paddle.static.Scope()
+    ptq = cls.__new__(cls)
+    ptq._scope = scope
+    ptq._activation_bits = 8
+    ptq._onnx_format = True
+    ptq._quantized_act_var_name = {"x"}
+    ptq._quantized_threshold = {"w": [1.0]}  # weights done: only the activation is searched
+    ptq._best_calibration_loss = {}
+    ptq._zero_size_var_names = set()
+    step = PostTrainingQuantization._sample_mse if loss == "mse" else PostTrainingQuantization._sample_emd
+    for batch in batches:
+        scope.var("x").get_tensor().set(batch, paddle.CPUPlace())
+        step(ptq) if cls is PostTrainingQuantization else getattr(ptq, f"_sample_{loss}")()
+    return ptq._quantized_threshold["x"]
+
+
+@pytest.mark.parametrize("loss", ["mse", "emd"])
+def test_mse_emd_search_equals_upstream_on_small_tensors(loss):
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_t(3, (1, 4, 60, 60)) * s).astype(np.float32) for s in (1.0, 0.7, 1.3)]
+    assert batches[0].size <= 1 << 16  # searched element by element: the very same computation
+    ours = search_thresholds(batches, loss, FixedPostTrainingQuantization)
+    assert ours == search_thresholds(batches, loss, PostTrainingQuantization)
+    assert len(search_candidates()) == 35 and search_candidates()[0] == 0.3
+
+
+@pytest.mark.parametrize("loss", ["mse", "emd"])
+def test_mse_emd_search_on_large_tensors_is_within_a_step_of_upstream(loss):
+    rng = np.random.default_rng(4)
+    # heavy-tailed like a conv input: 1.6 M elements (16 x 320 x 320), two batches
+    batches = [(rng.standard_t(4, (1, 16, 320, 320)) * s).astype(np.float32) for s in (1.0, 1.2)]
+    ours = search_thresholds(batches, loss, FixedPostTrainingQuantization)
+    upstream = search_thresholds(batches, loss, PostTrainingQuantization)
+    step = 0.02 * max(float(np.abs(b).max()) for b in batches)
+    assert abs(ours - upstream) <= step + 1e-6, (ours, upstream, step)
 
 
 def test_kl_threshold_is_fast_on_2048_bins():
