@@ -153,6 +153,26 @@ def test_kl_fallback_when_every_candidate_is_skipped():
     assert kl_threshold(hist, 0.5, 8) == cal_kl_threshold(hist, 0.5, 8) == 99.5 * 0.5
 
 
+def test_histogram_sampling_counts_match_upstream():
+    rng = np.random.default_rng(5)
+    x = (rng.standard_t(3, (1, 8, 64, 64)) * 2).astype(np.float32)
+    edges = np.histogram([], bins=BINS, range=(0.0, float(np.abs(x).max())))[1]
+    x.reshape(-1)[:50] = edges[1:51]  # values exactly on bin edges
+    counts = {}
+    for cls in (PostTrainingQuantization, FixedPostTrainingQuantization):
+        scope = paddle.static.Scope()
+        scope.var("x").get_tensor().set(x, paddle.CPUPlace())
+        ptq = cls.__new__(cls)
+        ptq._scope, ptq._quantized_act_var_name, ptq._zero_size_var_names = scope, {"x"}, set()
+        ptq._sampling_act_histogram = {"x": [np.zeros(BINS, np.int64), edges.copy()]}
+        cls._sample_histogram(ptq)
+        counts[cls] = ptq._sampling_act_histogram["x"][0]
+    ours, upstream = counts[FixedPostTrainingQuantization], counts[PostTrainingQuantization]
+    assert upstream.sum() == ours.sum() == x.size
+    # only values on (or within float32 rounding of) an edge may land one bin over
+    assert np.abs(ours - upstream).sum() <= 2 * 50 + 10, np.abs(ours - upstream).sum()
+
+
 def search_thresholds(batches, loss, cls):
     """Activation threshold of one tensor after `batches` through `cls`'s mse/emd sampling step
     (upstream's PostTrainingQuantization or ours), without running a model."""

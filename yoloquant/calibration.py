@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -238,6 +239,36 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
             upper = abs_max if abs_max > 0 else 1.0
             hist, edges = np.histogram([], bins=self._histogram_bins, range=(0.0, upper))
             self._sampling_act_histogram[var_name] = [hist, edges]
+
+    def _sample_histogram(self):
+        # Upstream passes the edges array to np.histogram, which sorts every block of values:
+        # with ~390 observed tensors per batch that was half of a KL run on yolov5n (29 of 57 s).
+        # Our edges are uniform from 0 (see above), so a value's bin is floor(|x| / width):
+        # one multiply and a bincount, spread over two threads (numpy releases the GIL in the
+        # elementwise part). Only values within float32 rounding of an edge can land one bin
+        # over (tested).
+        todo = []
+        for var_name in self._quantized_act_var_name:
+            tensor = load_variable_data(self._scope, var_name)
+            if tensor.size == 0 or var_name not in self._sampling_act_histogram:
+                self._zero_size_var_names.add(var_name)
+                continue
+            todo.append((var_name, tensor))
+
+        def count(item):
+            var_name, tensor = item
+            hist, edges = self._sampling_act_histogram[var_name]
+            bins = len(edges) - 1
+            index = np.abs(tensor.reshape(-1))
+            np.multiply(index, np.float32(bins / edges[-1]), out=index)
+            # the abs-max itself lands at index `bins`: the last bin is closed, as in np.histogram
+            counts = np.bincount(index.astype(np.int32), minlength=bins + 1)
+            counts[bins - 1] += counts[bins:].sum()
+            return hist, counts[:bins]
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            for hist, counts in pool.map(count, todo):
+                hist += counts
 
     # Optional callback(thresholds, ops) -> weight names, set by run_ptq: called once every
     # threshold is known and before quantize ops are inserted; the ops reading the returned
