@@ -28,7 +28,6 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import paddle
 from paddle.static.quantization import PostTrainingQuantization
-from paddle.static.quantization.utils import load_variable_data
 from paddle.static.quantization.quant_config import SUPPORT_QUANTIZATION_OP_DICT
 
 from .errors import ConfigError, ModelError
@@ -137,7 +136,7 @@ def kl_threshold(hist: np.ndarray, bin_width: float, bits: int = 8) -> float:
 # mse / emd: upstream's threshold search, vectorised over its candidates
 # --------------------------------------------------------------------------------------------
 
-SEARCH_EXACT = 1 << 16  # tensors up to this size are searched element by element, as upstream
+SEARCH_EXACT = 1 << 12  # tensors up to this size are searched element by element, as upstream
 SEARCH_BINS = 1 << 16  # larger ones through a histogram of this many bins (see search_losses)
 
 
@@ -161,47 +160,43 @@ def search_losses(x: np.ndarray, abs_max: float, loss: str, bits: int = 8,
                   onnx_format: bool = True) -> np.ndarray:
     """Upstream's 'mse' or 'emd' loss of every candidate scale for one batch tensor.
 
-    Up to SEARCH_EXACT elements: paddle's `_sample_mse` / `_sample_emd` arithmetic, element by
-    element. Larger tensors: upstream makes 35 full passes (minutes for a YOLO model); here one
-    pass bins the values (SEARCH_BINS bins over [-abs_max, abs_max]; per bin the count and the
-    sum of values), each bin is quantized at its mean value, and the losses come from the
-    per-bin sums, with sum(x^2) exact. Only values in a bin that straddles a rounding boundary
-    (one bin in ~77 at the smallest candidate) can round differently; the chosen threshold
-    stays within a candidate step of upstream's (tested, heavy-tailed tensors included)."""
+    Up to SEARCH_EXACT elements: paddle's `_sample_mse` / `_sample_emd` arithmetic (float32,
+    element by element), all candidates at once (one row each). Larger tensors: upstream makes
+    35 full passes (minutes for a YOLO model); here one pass bins the values (SEARCH_BINS bins
+    over [-abs_max, abs_max]; per bin the count and the sum of values), each bin is quantized
+    at its mean value, and the losses come from the per-bin sums, with sum(x^2) exact. Only
+    values in a bin that straddles a rounding boundary (one bin in ~77 at the smallest
+    candidate) can round differently; the chosen threshold stays within a candidate step of
+    upstream's (tested, heavy-tailed tensors included)."""
     levels = 2 ** (bits - 1) - 1
-    scales = np.array(search_candidates()) * abs_max
+    fractions = search_candidates()
     flat = np.asarray(x).reshape(-1)
-    losses = np.empty(len(scales))
     if flat.size <= SEARCH_EXACT:
-        for k, scale in enumerate(scales):
-            qdq = _qdq(flat, scale, levels, onnx_format)
-            if loss == "mse":
-                losses[k] = ((flat - qdq) ** 2).mean()
-            else:
-                losses[k] = abs(np.mean(flat) - np.mean(qdq)) + abs(np.std(flat) - np.std(qdq))
-        return losses
+        rows = [_qdq(flat, f * abs_max, levels, onnx_format) for f in fractions]
+        qdq = np.stack(rows)
+        if loss == "mse":
+            return ((flat - qdq) ** 2).mean(axis=1).astype(np.float64)
+        return (np.abs(np.mean(flat) - qdq.mean(axis=1))
+                + np.abs(np.std(flat) - qdq.std(axis=1))).astype(np.float64)
     n = flat.size
-    index = ((flat + abs_max) * (SEARCH_BINS / (2 * abs_max))).astype(np.int64)
-    np.clip(index, 0, SEARCH_BINS - 1, out=index)
+    index = ((flat + np.float32(abs_max)) * np.float32(SEARCH_BINS / (2 * abs_max))).astype(np.int32)
+    np.minimum(index, SEARCH_BINS - 1, out=index)  # +abs_max itself; nothing is below 0
     count = np.bincount(index, minlength=SEARCH_BINS)
     total = np.bincount(index, weights=flat, minlength=SEARCH_BINS)
     used = count > 0
-    count, total = count[used], total[used]
+    count, total = count[used].astype(np.float64), total[used]
     mean_in_bin = total / count
     sum_x = total.sum()
     sum_xx = float(np.dot(flat.astype(np.float64), flat.astype(np.float64)))
-    mean_x = sum_x / n
+    scales = (np.array(fractions) * abs_max)[:, None]
+    q = _qdq(mean_in_bin[None, :], scales, levels, onnx_format)  # (candidates, used bins)
+    sum_q, sum_qq, sum_xq = q @ count, (q * q) @ count, q @ total
+    if loss == "mse":
+        return (sum_xx - 2 * sum_xq + sum_qq) / n
+    mean_x, mean_q = sum_x / n, sum_q / n
     std_x = np.sqrt(max(sum_xx / n - mean_x ** 2, 0.0))
-    for k, scale in enumerate(scales):
-        q = _qdq(mean_in_bin, scale, levels, onnx_format)
-        sum_q, sum_qq, sum_xq = (count * q).sum(), (count * q * q).sum(), (total * q).sum()
-        if loss == "mse":
-            losses[k] = (sum_xx - 2 * sum_xq + sum_qq) / n
-        else:
-            mean_q = sum_q / n
-            std_q = np.sqrt(max(sum_qq / n - mean_q ** 2, 0.0))
-            losses[k] = abs(mean_x - mean_q) + abs(std_x - std_q)
-    return losses
+    std_q = np.sqrt(np.maximum(sum_qq / n - mean_q ** 2, 0.0))
+    return np.abs(mean_x - mean_q) + np.abs(std_x - std_q)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +235,19 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
             hist, edges = np.histogram([], bins=self._histogram_bins, range=(0.0, upper))
             self._sampling_act_histogram[var_name] = [hist, edges]
 
+    def _observed(self) -> list:
+        """(name, value) of every non-empty observed activation of this batch; empty ones are
+        recorded in _zero_size_var_names, as upstream does."""
+        out = []
+        for var_name in self._quantized_act_var_name:
+            # np.asarray: one copy out of the scope (upstream's np.array makes two)
+            tensor = np.asarray(self._scope.find_var(var_name).get_tensor())
+            if tensor.size == 0:
+                self._zero_size_var_names.add(var_name)
+                continue
+            out.append((var_name, tensor))
+        return out
+
     def _sample_histogram(self):
         # Upstream passes the edges array to np.histogram, which sorts every block of values:
         # with ~390 observed tensors per batch that was half of a KL run on yolov5n (29 of 57 s).
@@ -248,9 +256,8 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
         # elementwise part). Only values within float32 rounding of an edge can land one bin
         # over (tested).
         todo = []
-        for var_name in self._quantized_act_var_name:
-            tensor = load_variable_data(self._scope, var_name)
-            if tensor.size == 0 or var_name not in self._sampling_act_histogram:
+        for var_name, tensor in self._observed():
+            if var_name not in self._sampling_act_histogram:
                 self._zero_size_var_names.add(var_name)
                 continue
             todo.append((var_name, tensor))
@@ -319,14 +326,16 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
                 super()._sample_mse()
             finally:
                 self._quantized_act_var_name = activations
-        for var_name in self._quantized_act_var_name:
-            tensor = load_variable_data(self._scope, var_name)
-            if tensor.size == 0:
-                self._zero_size_var_names.add(var_name)
-                continue
-            abs_max = float(np.max(np.abs(tensor)))
+        def losses_of(item):
+            var_name, tensor = item
+            abs_max = float(max(tensor.max(), -tensor.min()))
             abs_max = 1e-8 if abs_max == 0.0 else abs_max
-            losses = search_losses(tensor, abs_max, loss, self._activation_bits, self._onnx_format)
+            return var_name, abs_max, search_losses(tensor, abs_max, loss, self._activation_bits,
+                                                    self._onnx_format)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            measured = list(pool.map(losses_of, self._observed()))
+        for var_name, abs_max, losses in measured:
             best = self._best_calibration_loss.setdefault(var_name, float("inf"))
             for fraction, value in zip(search_candidates(), losses):
                 if value <= best:
