@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -235,6 +236,17 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
             hist, edges = np.histogram([], bins=self._histogram_bins, range=(0.0, upper))
             self._sampling_act_histogram[var_name] = [hist, edges]
 
+    @contextmanager
+    def _weights_only(self):
+        """Hide the activations from an upstream method that handles weights and activations
+        together, so that only its weight part runs."""
+        activations = self._quantized_act_var_name
+        self._quantized_act_var_name = set()
+        try:
+            yield
+        finally:
+            self._quantized_act_var_name = activations
+
     def _observed(self) -> list:
         """(name, value) of every non-empty observed activation of this batch; empty ones are
         recorded in _zero_size_var_names, as upstream does."""
@@ -319,13 +331,9 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
         keeps the candidate scale with the lowest loss seen in any batch so far (ties: the later
         one), as upstream does."""
         if self._quantized_threshold == {}:
-            # weight thresholds: upstream's own code, run once with no activations
-            activations = self._quantized_act_var_name
-            self._quantized_act_var_name = set()
-            try:
+            with self._weights_only():  # weight thresholds: upstream's own code, run once
                 super()._sample_mse()
-            finally:
-                self._quantized_act_var_name = activations
+
         def losses_of(item):
             var_name, tensor = item
             abs_max = float(max(tensor.max(), -tensor.min()))
@@ -346,14 +354,10 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
     def _calculate_kl_hist_threshold(self):
         # Upstream does weights and activations in one method. Run it with no activations so
         # the weight thresholds come from upstream's own code, then do the activations here.
-        activations = self._quantized_act_var_name
-        self._quantized_act_var_name = set()
-        try:
+        with self._weights_only():
             super()._calculate_kl_hist_threshold()
-        finally:
-            self._quantized_act_var_name = activations
 
-        for var_name in sorted(activations):
+        for var_name in sorted(self._quantized_act_var_name):
             if var_name not in self._sampling_act_histogram:
                 continue  # zero-size tensor: upstream leaves it without threshold as well
             hist, edges = self._sampling_act_histogram[var_name]
