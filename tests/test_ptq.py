@@ -186,7 +186,7 @@ def test_yolov5n_int8_keeps_accuracy_in_both_runtimes(algo, yolov5n_fp32, tmp_pa
     assert result.summary["calibration"]["images"] == 32
     quantized = result.summary["quantized"]["onnx_conv_nodes"]
     reasons = result.summary["kept_float"]["conv_reasons"]
-    assert len(quantized) + len(reasons) == 60 and len(quantized) >= 48
+    assert len(quantized) + len(reasons) == 60 and len(quantized) >= 54
     assert all("SNR" in why for why in reasons.values())  # v5's prediction convs are scores
     rows = {r.runtime: r for r in evaluate_saved(cfg, str(tmp_path))}
     paddle_int8 = rows["paddle-inference(onednn-int8)"].map50_95
@@ -214,7 +214,7 @@ def test_yolox_nano_int8_keeps_accuracy_in_both_runtimes(tmp_path):
     result = quantize(cfg, tmp_path / "auto")
     reasons = result.summary["kept_float"]["conv_reasons"]
     assert sum(why.startswith("regression") for why in reasons.values()) == 3  # reg_preds x 3
-    assert 3 < len(reasons) <= 35 and len(result.summary["quantized"]["onnx_conv_nodes"]) >= 78
+    assert 3 < len(reasons) <= 30 and len(result.summary["quantized"]["onnx_conv_nodes"]) >= 80
     rows = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, str(tmp_path / "auto"))}
     every = load_config(ROOT / "configs" / "yolox_nano_coco_mini.yaml",
                         {"min_layer_snr_db": None, "keep_regression_float": False})

@@ -13,10 +13,8 @@ output channel sees one input channel, so nothing averages the loss out. Pointwi
 same model lose 25-33 dB; depthwise ones -2 to 32 dB.
 
 The measurement (``layer_snr``): each conv is run twice on the same float input, once float and
-once with its input and weights quantized as deployed (per-tensor input grid, per-channel int8
-weights). ``ptq.calibrate`` spans the input grid over the input's abs-max on the measured
-images, whatever the algorithm: the question is whether one 8-bit grid can serve the tensor's
-channels, not how much an algorithm chose to clip. Per output channel, the error power relative
+once with its input and weights quantized as deployed (per-tensor input grid from the
+calibrated threshold, per-channel int8 weights). Per output channel, the error power relative
 to the channel's variance; averaged over live channels (dead ones, with no variance, carry no
 information); in dB. Channels are averaged, not pooled, because after the folded BatchNorm of
 the next layer every channel matters by its own scale: one channel lost of 16 is a 12 dB
@@ -26,10 +24,11 @@ copies of every conv, on a few images: a few seconds.
 Convs under ``MIN_LAYER_SNR_DB`` (config ``min_layer_snr_db``) stay float in both runtimes; so
 do the regression prediction convs (``head.regression_convs``, config ``keep_regression_float``).
 Measured on val2017_mini with 'avg' calibration on 32 train images:
-- YOLOX-nano: 26 convs under the threshold (most of them depthwise) + 3 regression convs, of 113.
-  mAP 0.3027 in ONNX Runtime, 0.3003 in Paddle oneDNN int8 (float 0.2999); with every conv
+- YOLOX-nano: 19 convs under the threshold (most of them depthwise) + 3 regression convs, of 113.
+  mAP 0.2949 in ONNX Runtime, 0.2880 in Paddle oneDNN int8 (float 0.2999); with every conv
   quantized 0.003 / 0.086 (tests/test_ptq.py::test_yolox_nano_int8_keeps_accuracy_in_both_runtimes).
-- YOLOv5n: 9 of 60 convs under the threshold; 0.3034 / 0.3062 (float 0.3087).
+- YOLOv5n: 4 of 60 convs under the threshold (21.5-23.7 dB: /model.1, /model.2 cv1 and cv2,
+  /model.10).
 """
 from __future__ import annotations
 

@@ -247,7 +247,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     from .convert import convert_onnx_to_paddle
     from .onnx_normalize import conv_constants_to_initializers
     from .precision import SNR_IMAGES, choose_float_convs, output_grid
-    from .qdq import ConvQuantParams, conv_abs_max
+    from .qdq import ConvQuantParams
 
     require(cfg, "model_dir")
     algo = algo or cfg.PTQ.algo
@@ -274,24 +274,16 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     float_reasons, layer_snr = {}, {}
 
     def keep_float(thresholds: dict, ops) -> list[str]:
-        """Called by the PTQ once thresholds are known: measure every conv's 8-bit SNR and name
-        the weights of the convs that must stay float (in both runtimes).
-
-        The input grid of the measurement spans the input's abs-max on the measured images, not
-        the algorithm's threshold: the question is whether one per-tensor 8-bit grid can serve
-        the tensor's channels at all. With the algorithm's threshold, deliberate clipping (mse,
-        hist) and coarse abs_max steps counted too, and 12-34 of yolov5n's 60 convs fell under
-        the limit instead of 4."""
+        """Called by the PTQ once thresholds are known: measure every conv's 8-bit SNR with
+        them and name the weights of the convs that must stay float (in both runtimes)."""
         with timer("layer_snr"):
-            convs = [op for op in ops if op.op_type in ("conv2d", "depthwise_conv2d") and op.inputs
-                     and op.weights and op.weights[0] in all_to_onnx and op.weights[0] in thresholds]
-            names = [all_to_onnx[op.weights[0]] for op in convs]
-            feeds = [{converted.onnx_input_name: img[None]} for img in images[:SNR_IMAGES]]
-            ranges = conv_abs_max(onnx_model, feeds, names) if names else {}
             candidates = [ConvQuantParams(
-                node_name=name, input_threshold=max(float(ranges[name][0]), 1e-8),
+                node_name=all_to_onnx[op.weights[0]],
+                input_threshold=max(float(thresholds[op.inputs[0]]), 1e-8),
                 weight_thresholds=np.asarray(thresholds[op.weights[0]], dtype=np.float64))
-                for op, name in zip(convs, names)]
+                for op in ops if op.op_type in ("conv2d", "depthwise_conv2d") and op.inputs
+                and op.weights and op.weights[0] in all_to_onnx
+                and op.inputs[0] in thresholds and op.weights[0] in thresholds]
             reasons, snr = choose_float_convs(onnx_model, candidates, images[:SNR_IMAGES],
                                               converted.onnx_input_name, cfg.min_layer_snr_db,
                                               cfg.keep_regression_float)
