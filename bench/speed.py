@@ -55,7 +55,7 @@ from yoloquant.cli import setup_logging  # noqa: E402
 from yoloquant.config import Config, load_config  # noqa: E402
 from yoloquant.errors import YoloQuantError  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
-from yoloquant.provenance import machine, package_versions  # noqa: E402
+from yoloquant.provenance import machine, package_versions, versions_of  # noqa: E402
 
 log = logging.getLogger("yoloquant.bench")
 
@@ -546,18 +546,6 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
         "env": {k: os.environ.get(k) for k in ("KMP_BLOCKTIME", "OMP_NUM_THREADS")},
         "artifacts_dir": str(work) if args.keep_artifacts else None,
     }
-
-
-def versions_of(names) -> dict:
-    from importlib import metadata
-
-    out = {}
-    for n in names:
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = None
-    return out
 
 
 def markdown(result: dict) -> str:

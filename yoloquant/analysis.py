@@ -44,8 +44,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .config import Config, load_config, require, to_dict
-from .demo_data import maybe_generate_for
+from .config import Config, require, to_dict
 from .errors import ConfigError, ModelError
 from .fileio import write_json
 from .provenance import Timer, file_sha256, machine, package_versions
@@ -1021,15 +1020,13 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
 
 
 def analysis_command(config_path: str, device: str = "cpu", resume: bool = False) -> AnalysisResult:
-    from .cli import check_device
+    from .cli import load_job_config
 
     root = logging.getLogger()
     level = root.level
     import paddle  # noqa: F401 - importing paddle sets the root logger to WARNING: undo that,
     root.setLevel(level)  # or the per-layer progress lines of a long run are never shown
-    check_device(device)
-    cfg = load_config(config_path)
-    maybe_generate_for(cfg)  # the offline demo's data set, generated on first use
+    cfg = load_job_config(config_path, device)
     result = run_analysis(cfg, resume=resume)
     save = result.save_dir
     print((save / RANK_TXT).read_text())

@@ -343,9 +343,10 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
 
         with ThreadPoolExecutor(max_workers=2) as pool:
             measured = list(pool.map(losses_of, self._observed()))
+        fractions = search_candidates()
         for var_name, abs_max, losses in measured:
             best = self._best_calibration_loss.setdefault(var_name, float("inf"))
-            for fraction, value in zip(search_candidates(), losses):
+            for fraction, value in zip(fractions, losses):
                 if value <= best:
                     best = value
                     self._quantized_threshold[var_name] = fraction * abs_max

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable
+from typing import Callable, Optional
 
 from .errors import YoloQuantError
 
@@ -54,6 +54,20 @@ def check_device(device: str) -> None:
         if not paddle.device.is_compiled_with_cuda():
             raise YoloQuantError("--devices gpu needs the GPU build of Paddle: "
                                  "pip install paddlepaddle-gpu==2.6.2 (or use --devices cpu)")
+
+
+def load_job_config(config_path: str, device: str = "cpu", algo: Optional[str] = None):
+    """What every job does first: check the device, load and validate the config, generate the
+    offline demo's data set if the config needs it, and apply an --algo override."""
+    from .config import load_config
+    from .demo_data import maybe_generate_for
+
+    check_device(device)
+    cfg = load_config(config_path)
+    maybe_generate_for(cfg)
+    if algo:
+        cfg.PTQ.algo = algo
+    return cfg
 
 
 def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> None:

@@ -5,8 +5,7 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from .config import Config, load_config, require
-from .demo_data import maybe_generate_for
+from .config import Config, require
 from .errors import ConfigError
 from .fileio import write_json
 from .runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles, open_backend
@@ -50,11 +49,9 @@ def format_table(rows: list[EvalResult]) -> str:
 def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Optional[str] = None,
                      batch_size: int = 1, json_out: Optional[str] = None, device: str = "cpu",
                      max_images: Optional[int] = None, simulate: bool = False) -> list[EvalResult]:
-    from .cli import check_device
+    from .cli import load_job_config
 
-    check_device(device)
-    cfg = load_config(config_path)
-    maybe_generate_for(cfg)  # the offline demo's data set, generated on first use
+    cfg = load_job_config(config_path, device)
     results: list[EvalResult] = []
     if model is not None:
         if runtime is not None:

@@ -13,8 +13,7 @@ from typing import Optional
 
 import onnx
 
-from .config import Config, load_config
-from .demo_data import maybe_generate_for
+from .config import Config
 from .errors import ConfigError
 from .fileio import staging_dir, write_json
 from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, build_qdq, calibrate,
@@ -79,13 +78,9 @@ def fine_tune_command(config_path: str, save_dir: str, algo: Optional[str] = Non
                       recon_level: str = "layer-wise", simulate_activation_quant: bool = False,
                       epochs: int = 25, lr: float = 0.01, limit: int = 6, evaluate: bool = False,
                       max_images: Optional[int] = None) -> PostQuantResult:
-    from .cli import check_device
+    from .cli import load_job_config
 
-    check_device(device)
-    cfg = load_config(config_path)
-    maybe_generate_for(cfg)  # the offline demo's data set, generated on first use
-    if algo:
-        cfg.PTQ.algo = algo
+    cfg = load_job_config(config_path, device, algo)
     settings = settings_from(cfg, recon_level, simulate_activation_quant, epochs, lr, limit)
     result = fine_tune(cfg, save_dir, settings)
     if evaluate:

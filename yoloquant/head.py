@@ -23,23 +23,14 @@ its input, and which activation follows its output (for choosing an output grid)
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Iterable, Optional
 
 import onnx
 
-from .qdq import final_convs
+from .qdq import final_convs, reaches_output, tensor_readers
 
 # Ops that bound their output whatever the input: a prediction passing one is a score.
 SQUASHING_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "Tanh", "HardSigmoid"})
-
-
-def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for i in set(n.input):
-            readers[i].append(n)
-    return readers
 
 
 def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
@@ -52,25 +43,13 @@ def regression_convs(model: onnx.ModelProto, finals: Optional[Iterable[str]] = N
     ``finals`` defaults to ``qdq.final_convs(model)``.
     """
     graph = model.graph
-    readers = _readers(graph)
+    readers = tensor_readers(graph)
     outputs = {o.name for o in graph.output}
     by_name = {n.name: n for n in graph.node}
-    found = set()
-    for name in (final_convs(model) if finals is None else finals):
-        stack, seen = list(by_name[name].output), set()
-        while stack:
-            t = stack.pop()
-            if t in outputs:
-                found.add(name)  # reached unsquashed
-                break
-            for r in readers.get(t, []):
-                if r.op_type == "Conv" or r.op_type in SQUASHING_OPS:
-                    continue  # another conv, or squashed: that path is not raw regression
-                for o in r.output:
-                    if o not in seen:
-                        seen.add(o)
-                        stack.append(o)
-    return found
+    # another conv, or a squashing op, ends a path: it is not raw regression
+    blocked = {"Conv"} | SQUASHING_OPS
+    return {name for name in (final_convs(model) if finals is None else finals)
+            if reaches_output(by_name[name].output, readers, outputs, blocked)}
 
 
 def conv_producers(model: onnx.ModelProto, conv_names: Iterable[str]) -> set[str]:
@@ -99,7 +78,7 @@ def activation_after(model: onnx.ModelProto, conv_name: str) -> Optional[str]:
     """"SiLU" (Sigmoid + Mul on the conv output), "Relu", or None when the conv output has other
     or several readers (then nothing is known about how its values are used)."""
     graph = model.graph
-    readers = _readers(graph)
+    readers = tensor_readers(graph)
     conv = next(n for n in graph.node if n.name == conv_name)
     y = conv.output[0]
     users = readers.get(y, [])

@@ -13,14 +13,19 @@ PACKAGES = ("paddlepaddle", "paddleslim", "x2paddle", "paddle2onnx", "onnx", "on
             "numpy", "opencv-python", "pycocotools")
 
 
-def package_versions() -> dict:
-    versions = {"yoloquant": __version__, "python": platform.python_version()}
-    for name in PACKAGES:
+def versions_of(names) -> dict:
+    """Installed version of each distribution (None when absent)."""
+    versions = {}
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def package_versions() -> dict:
+    return {"yoloquant": __version__, "python": platform.python_version(), **versions_of(PACKAGES)}
 
 
 def machine() -> dict:

@@ -16,8 +16,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from .config import Config, load_config, require, to_dict
-from .demo_data import maybe_generate_for
+from .config import Config, require, to_dict
 from .data import CocoDetection, ImageFolder, iterate_batches
 from .errors import ConfigError, DataError, ModelError
 from .fileio import staging_dir, write_json
@@ -140,13 +139,6 @@ def upgrade_opset(model: onnx.ModelProto, sample: np.ndarray, input_name: str,
     log.info("converted the ONNX graph from opset %d to %d for per-channel Q/DQ (outputs unchanged)",
              opset, target)
     return upgraded
-
-
-def conv_output_thresholds(onnx_model: onnx.ModelProto, conv_names: list[str],
-                           images: list[np.ndarray], input_name: str) -> dict[str, float]:
-    """Abs-max of each Conv's output over the calibration images (ONNX Runtime, float)."""
-    ranges = conv_output_ranges(onnx_model, conv_names, images, input_name)
-    return {n: max(-lo, hi) for n, (lo, hi) in ranges.items()}
 
 
 def conv_output_ranges(onnx_model: onnx.ModelProto, conv_names: list[str],
@@ -422,12 +414,9 @@ def evaluate_fp32_and_saved(cfg: Config, save_dir: str, result, max_images: Opti
 def post_quant_command(config_path: str, save_dir: str, algo: Optional[str] = None,
                        device: str = "cpu", evaluate: bool = False,
                        max_images: Optional[int] = None) -> PostQuantResult:
-    from .cli import check_device
-    check_device(device)
-    cfg = load_config(config_path)
-    maybe_generate_for(cfg)  # the offline demo's data set, generated on first use
-    if algo:
-        cfg.PTQ.algo = algo
+    from .cli import load_job_config
+
+    cfg = load_job_config(config_path, device, algo)
     result = quantize(cfg, save_dir)
     if evaluate:
         rows = evaluate_fp32_and_saved(cfg, save_dir, result, max_images)

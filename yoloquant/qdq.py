@@ -374,36 +374,43 @@ def insert_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], activa
     return out
 
 
+def tensor_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name -> the nodes that read it (each node once)."""
+    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for n in graph.node:
+        for i in set(n.input):
+            readers[i].append(n)
+    return readers
+
+
+def reaches_output(tensors: Iterable[str], readers: dict, outputs: set, blocked: set) -> bool:
+    """Whether a graph output is reachable from ``tensors`` through nodes whose op type is not
+    in ``blocked``."""
+    stack, seen = list(tensors), set()
+    while stack:
+        t = stack.pop()
+        if t in outputs:
+            return True
+        for r in readers.get(t, []):
+            if r.op_type not in blocked:
+                stack.extend(o for o in r.output if o not in seen)
+                seen.update(r.output)
+    return False
+
+
 def final_convs(model: onnx.ModelProto) -> set[str]:
     """Names of the Convs from which a graph output is reachable without passing another Conv
     (YOLOv5: the three /model.24/m.* prediction convs)."""
     graph = model.graph
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for i in set(n.input):
-            readers[i].append(n)
+    readers = tensor_readers(graph)
     outputs = {o.name for o in graph.output}
-    found = set()
-    for conv in (n for n in graph.node if n.op_type == "Conv"):
-        stack, seen = list(conv.output), set()
-        while stack:
-            t = stack.pop()
-            if t in outputs:
-                found.add(conv.name)
-                break
-            for r in readers.get(t, []):
-                if r.op_type != "Conv":
-                    stack.extend(o for o in r.output if o not in seen)
-                    seen.update(r.output)
-    return found
+    return {n.name for n in graph.node
+            if n.op_type == "Conv" and reaches_output(n.output, readers, outputs, {"Conv"})}
 
 
 def _quantize_silus(graph, quantized_outputs: dict, act_pairs: dict, qdq_pair, new_name, activation_type: str):
     """The ``quantize_silu`` rewrite of insert_qdq (see there). Edits ``graph`` nodes in place."""
-    readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-    for n in graph.node:
-        for i in set(n.input):
-            readers[i].append(n)
+    readers = tensor_readers(graph)
     graph_outputs = {o.name for o in graph.output}
     pairs_by_tensor: dict[str, list] = defaultdict(list)
     for (tensor, _), (q_node, dq_out) in act_pairs.items():
