@@ -8,7 +8,8 @@ from paddle.static.quantization import PostTrainingQuantization
 from paddle.static.quantization.cal_kl_threshold import (cal_kl_threshold, expand_quantized_bins,
                                                          safe_entropy)
 
-from yoloquant.calibration import (FixedPostTrainingQuantization, PTQSettings, SUPPORTED_ALGOS,
+from yoloquant.calibration import (FixedPostTrainingQuantization, LayerDecisions, PTQSettings,
+                                   SUPPORTED_ALGOS,
                                    _kl_candidates, calibration_loader, kl_divergences,
                                    kl_threshold, run_ptq, search_candidates, SEARCH_EXACT)
 from yoloquant.errors import ConfigError, ModelError
@@ -400,3 +401,43 @@ def test_generator_and_missing_model_are_refused(fp32_model, tmp_path):
     with pytest.raises(ModelError, match="params"):
         run_ptq(settings("avg"), loader, str(model_dir), "model.pdmodel", "other.pdiparams",
                 str(tmp_path / "q"))
+
+
+def params_of(model_path, names):
+    paddle.enable_static()
+    try:
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        scope = paddle.static.Scope()
+        with paddle.static.scope_guard(scope):
+            paddle.static.load_inference_model(str(model_path)[:-len(".pdmodel")], exe)
+            return {n: np.array(scope.find_var(n).get_tensor()) for n in names}
+    finally:
+        paddle.disable_static()
+
+
+def test_before_update_keeps_convs_float_and_shifts_biases(fp32_model, tmp_path):
+    model_dir, images = fp32_model
+    seen = {}
+
+    def decide(thresholds, ops):
+        seen["ops"], seen["thresholds"] = ops, thresholds
+        return LayerDecisions(float_weights=("conv2d_1.w_0",),
+                              bias_shifts={"conv2d_0.w_0": np.arange(8, dtype=np.float32),
+                                           "conv2d_1.w_0": np.ones(4, np.float32)})
+
+    result = run_ptq(settings("avg"), calibration_loader(images, "image", 2), str(model_dir),
+                     "model.pdmodel", "model.pdiparams", str(tmp_path / "q"), before_update=decide)
+    assert [o.weights for o in seen["ops"]] == [("conv2d_0.w_0",), ("conv2d_1.w_0",)]
+    assert seen["thresholds"]["image"] > 0.68
+    # the float conv is not quantized and its bias is left alone; the int8 one's bias is shifted
+    assert [o.weights for o in result.quantized_ops if o.inputs] == [("conv2d_0.w_0",)]
+    assert result.bias_corrected == ("conv2d_0.w_0",)
+    before = params_of(model_dir / "model.pdmodel", ["conv2d_0.b_0", "conv2d_1.b_0"])
+    after = params_of(result.model_path, ["conv2d_0.b_0", "conv2d_1.b_0"])
+    np.testing.assert_allclose(after["conv2d_0.b_0"], before["conv2d_0.b_0"] + np.arange(8), rtol=1e-6)
+    np.testing.assert_array_equal(after["conv2d_1.b_0"], before["conv2d_1.b_0"])
+
+    with pytest.raises(TypeError, match="LayerDecisions"):
+        run_ptq(settings("avg"), calibration_loader(images, "image", 2), str(model_dir),
+                "model.pdmodel", "model.pdiparams", str(tmp_path / "q2"),
+                before_update=lambda thresholds, ops: ["conv2d_1.w_0"])

@@ -134,3 +134,89 @@ def test_output_grid_follows_the_activation():
     lo, hi = output_grid(model, "b", -40.0, 8.0)["output_range"]
     assert hi == 8.0 and -40.0 < lo < -1.28
     assert output_grid(model, "reg", -3.0, 5.0) == {"output_threshold": 5.0}
+
+
+def biased_conv_model(rng):
+    """X (4 channels, positive like SiLU outputs) -> 3x3 conv 'c' (8 outputs, with bias) -> Y.
+    Weights chosen so that round-to-nearest leaves a systematic error in every output channel."""
+    w = (rng.standard_normal((8, 4, 3, 3)) * 0.05).astype(np.float32)
+    b = rng.standard_normal(8).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["X", "w", "b"], ["Y"], name="c", pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["Y"], ["S"], name="sig")]
+    graph = helper.make_graph(nodes, "biased", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 4, 16, 16])],
+                              [helper.make_tensor_value_info("S", TensorProto.FLOAT, [1, 8, 16, 16])],
+                              initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model, w, b
+
+
+def test_bias_shift_is_minus_the_mean_error_and_removing_it_raises_the_snr():
+    rng = np.random.default_rng(1)
+    model, w, b = biased_conv_model(rng)
+    imgs = [(rng.random((4, 16, 16)) * 3).astype(np.float32) for _ in range(3)]
+    # a coarse weight grid (thresholds 4x the abs-max) makes the rounding error large and biased
+    w_t = np.abs(w).reshape(8, -1).max(axis=1) * 4
+    p = ConvQuantParams("c", 3.0, w_t)
+    plain = layer_snr(model, [p], imgs, "X")["c"]
+    corrected = layer_snr(model, [p], imgs, "X", correct_bias=True)["c"]
+    # numpy reference of the probe: conv(fake_quant(x), fake_quant_per_channel(w)) - conv(x, w)
+    import onnxruntime as ort
+    from yoloquant.qdq import _quantize_weight
+    q_w, s_w, _ = _quantize_weight(w, p)
+    wq = (q_w * np.asarray(s_w, np.float32).reshape(8, 1, 1, 1)).astype(np.float32)
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(model)
+    m2.graph.initializer[0].CopyFrom(numpy_helper.from_array(wq, "w"))
+    del m2.graph.output[:]
+    m2.graph.output.append(helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 8, 16, 16]))
+    m1 = onnx.ModelProto()
+    m1.CopyFrom(m2)
+    m1.graph.initializer[0].CopyFrom(numpy_helper.from_array(w, "w"))
+    y = np.concatenate([ort.InferenceSession(m1.SerializeToString(), providers=["CPUExecutionProvider"])
+                        .run(None, {"X": i[None]})[0] for i in imgs]).astype(np.float64)
+    yq = np.concatenate([ort.InferenceSession(m2.SerializeToString(), providers=["CPUExecutionProvider"])
+                         .run(None, {"X": fake_quant(i[None], 3.0).astype(np.float32)})[0]
+                         for i in imgs]).astype(np.float64)
+    mean_error = (yq - y).mean(axis=(0, 2, 3))
+    np.testing.assert_allclose(corrected.bias_shift, -mean_error, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(plain.bias_shift, corrected.bias_shift)
+    # the coarse grid was chosen so that the mean is a sizable part of the error
+    assert (mean_error ** 2 / ((yq - y) ** 2).mean(axis=(0, 2, 3))).mean() > 0.2
+    var = y.var(axis=(0, 2, 3))
+    nsr = (((yq - y) ** 2).mean(axis=(0, 2, 3)) - mean_error ** 2) / var
+    assert corrected.snr_db == pytest.approx(-10 * np.log10(nsr.mean()), abs=0.05)
+    assert corrected.snr_db > plain.snr_db + 1
+
+
+def test_bias_shift_in_the_qdq_model_removes_the_mean_error():
+    """The deployed int8 conv (ONNX Runtime, fused) with the shifted bias: its mean output error
+    per channel is far smaller than without the shift."""
+    import onnxruntime as ort
+    from yoloquant.qdq import insert_qdq
+
+    rng = np.random.default_rng(2)
+    model, w, b = biased_conv_model(rng)
+    imgs = [(rng.random((4, 16, 16)) * 3).astype(np.float32) for _ in range(3)]
+    w_t = np.abs(w).reshape(8, -1).max(axis=1) * 4
+    p = ConvQuantParams("c", 3.0, w_t)
+    shift = layer_snr(model, [p], imgs, "X", correct_bias=True)["c"].bias_shift
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 8, 16, 16]))
+
+    def mean_error(m):
+        f = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        q = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        e = np.concatenate([q.run(None, {"X": i[None]})[0] - f.run(None, {"X": i[None]})[0] for i in imgs])
+        return np.abs(e.mean(axis=(0, 2, 3))).max()
+
+    import dataclasses
+    before = mean_error(insert_qdq(model, [p]))
+    shifted = insert_qdq(model, [dataclasses.replace(p, bias_shift=shift)])
+    after = mean_error(shifted)
+    assert after < before / 5, (before, after)
+    # the original float bias is gone (replaced, not kept beside the new one); the input is intact
+    names = {i.name for i in shifted.graph.initializer}
+    assert "b" not in names and {i.name for i in model.graph.initializer} == {"w", "b"}
+    with pytest.raises(Exception, match="bias_shift has 3 values for 8"):
+        insert_qdq(model, [dataclasses.replace(p, bias_shift=np.zeros(3))])

@@ -289,20 +289,20 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
             for hist, counts in pool.map(count, todo):
                 hist += counts
 
-    # Optional callback(thresholds, ops) -> weight names, set by run_ptq: called once every
-    # threshold is known and before quantize ops are inserted; the ops reading the returned
-    # weights are left float, as if they had been in skip_tensor_list from the start.
+    # Optional callback(thresholds, ops) -> LayerDecisions, set by run_ptq: called once every
+    # threshold is known and before quantize ops are inserted (see LayerDecisions).
     before_update = None
+    bias_corrected: Tuple[str, ...] = ()  # weight names whose conv bias was shifted
 
     def _update_program(self):
         if self.before_update is not None:
-            self._skip_after_calibration()
+            self._apply_layer_decisions()
         # The observer Q/DQ Paddle leaves on a float conv's input still gives its producers an
         # int8 output scale in oneDNN; removing those pairs was tried and changed nothing
         # (YOLOX-nano avg: 0.2880 either way), so they stay.
         super()._update_program()
 
-    def _skip_after_calibration(self):
+    def _apply_layer_decisions(self):
         thresholds = self._quantized_var_threshold if self._algo in ("KL", "hist") \
             else self._quantized_threshold
         block = self._program.global_block()
@@ -315,10 +315,31 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
                 ops.append(QuantizedOp(op.type, tuple(n for n in names if n not in persistable),
                                        tuple(n for n in names if n in persistable),
                                        tuple(op.output_arg_names)))
-        skip = set(self.before_update({k: _plain(v) for k, v in thresholds.items()}, tuple(ops)))
+        decisions = self.before_update({k: _plain(v) for k, v in thresholds.items()}, tuple(ops))
+        if not isinstance(decisions, LayerDecisions):
+            raise TypeError(f"before_update must return LayerDecisions, got {type(decisions).__name__}")
+        skip = set(decisions.float_weights)
         for op in block.ops:
             if skip & set(op.input_arg_names):
                 op._set_attr("op_namescope", "skip_quant")  # what skip_tensor_list sets
+        corrected = []
+        for weight, shift in sorted(decisions.bias_shifts.items()):
+            if weight in skip:
+                continue
+            bias = _conv_bias_param(block, weight, persistable)
+            if bias is None:
+                log.warning("no bias parameter found after the conv reading %s: its bias is not "
+                            "corrected", weight)
+                continue
+            tensor = self._scope.find_var(bias).get_tensor()
+            value = np.array(tensor)
+            shift = np.asarray(shift, value.dtype)
+            if shift.size != value.size:
+                raise ModelError(f"bias {bias} has {value.size} values, the shift for {weight} "
+                                 f"{shift.size}")
+            tensor.set(value + shift.reshape(value.shape), self._place)
+            corrected.append(weight)
+        self.bias_corrected = tuple(corrected)
 
     def _sample_mse(self):
         self._search_threshold("mse")
@@ -370,6 +391,42 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
                 # upstream's rule is right once the histogram starts at 0
                 threshold = float(self._get_hist_scaling_factor(hist, edges))
             self._quantized_var_threshold[var_name] = threshold
+
+
+@dataclass(frozen=True)
+class LayerDecisions:
+    """What a `before_update` callback decides once the thresholds are known.
+
+    float_weights: weight names whose ops stay float, as if they had been in skip_tensor_list
+        from the start.
+    bias_shifts: weight name -> per-output-channel value added to the bias of the conv reading
+        that weight (bias correction); convs whose bias cannot be found are logged and left.
+    """
+
+    float_weights: Tuple[str, ...] = ()
+    bias_shifts: Dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _conv_bias_param(block, weight: str, persistable: set) -> Optional[str]:
+    """The bias parameter added to the output of the conv reading `weight`: X2Paddle writes a
+    conv's bias as conv2d -> elementwise_add(out, reshape2(bias)) (or the bias directly)."""
+    producers = {name: op for op in block.ops for name in op.output_arg_names}
+    conv = next((op for op in block.ops if weight in op.input_arg_names
+                 and op.type in ("conv2d", "depthwise_conv2d")), None)
+    if conv is None:
+        return None
+    out = conv.output("Output")[0]
+    readers = [op for op in block.ops if out in op.input_arg_names]
+    if len(readers) != 1 or readers[0].type != "elementwise_add" or readers[0].input("X") != [out]:
+        return None
+    y = readers[0].input("Y")[0]
+    if y in persistable:
+        return y
+    maker = producers.get(y)
+    if maker is not None and maker.type in ("reshape2", "reshape") \
+            and maker.input("X")[0] in persistable:
+        return maker.input("X")[0]
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -481,6 +538,7 @@ class PTQResult:
     weight_names: Tuple[str, ...]
     activation_names: Tuple[str, ...]
     quantized_ops: Tuple[QuantizedOp, ...] = field(default_factory=tuple)
+    bias_corrected: Tuple[str, ...] = ()  # weights whose conv bias before_update shifted
 
 
 def calibration_loader(images: Sequence[np.ndarray], feed_name: str,
@@ -588,9 +646,9 @@ def run_ptq(settings: PTQSettings, data_loader, model_dir: Union[str, os.PathLik
     save_dir: where `<save_model_filename>` and the matching `.pdiparams` are written (paddle
         names the params after the model file; quant_post_static's params name is ignored).
     executor, scope: default a CPU executor and a fresh Scope, so runs do not share state.
-    before_update: optional `f(thresholds, ops) -> weight names` called with the calibrated
+    before_update: optional `f(thresholds, ops) -> LayerDecisions` called with the calibrated
         thresholds (as in PTQResult) and the weight ops about to be quantized (QuantizedOp);
-        the ops reading the returned weights stay float.
+        the ops reading its float_weights stay float, its bias_shifts are applied.
     Runs in static mode and switches back to dynamic mode afterwards if that was the mode.
     """
     if not isinstance(data_loader, paddle.io.DataLoader):
@@ -667,4 +725,5 @@ def run_ptq(settings: PTQSettings, data_loader, model_dir: Union[str, os.PathLik
         weight_names=weights,
         activation_names=tuple(sorted(ptq._quantized_act_var_name)),
         quantized_ops=quantized_ops,
+        bias_corrected=ptq.bias_corrected,
     )

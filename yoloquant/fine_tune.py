@@ -6,6 +6,7 @@ program with the same int8 weights written in, summary.json with per-layer/regio
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -47,7 +48,9 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
     """Calibrate, learn the rounding, write the int8 models and summary atomically into save_dir."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with staging_dir(save_dir) as stage:
-        cal = calibrate(cfg, stage, algo)
+        # Bias correction is measured for round-to-nearest weights; the learned rounding
+        # reconstructs each conv's output itself (mean included), so it would over-correct.
+        cal = calibrate(dataclasses.replace(cfg, conv_bias_correction=False), stage, algo)
         skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or []) if w in cal.paddle_to_onnx}
         quant_model = build_qdq(cal, skipped, activation_type) if settings.input_source == "quantized" else None
         with cal.timer("reconstruction"):

@@ -265,14 +265,17 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
             converted.model_file, converted.params_file, conv_weights))
     float_reasons, layer_snr = {}, {}
 
-    def keep_float(thresholds: dict, ops) -> list[str]:
+    def decide(thresholds: dict, ops):
         """Called by the PTQ once thresholds are known: measure every conv's 8-bit SNR with
-        them and name the weights of the convs that must stay float (in both runtimes).
+        them, name the weights of the convs that must stay float (in both runtimes) and, with
+        conv_bias_correction, the bias shift of every other conv.
 
         The algorithm's own thresholds are used, as deployed, so a conv whose input an
-        algorithm clips hard counts too (yolov5n: avg 4, hist 12, abs_max 23, mse 34 float
-        convs of 60). Measured with each input's abs-max instead, avg kept 9 and improved
-        (ONNX 0.3034), but hist fell to 0.2809, more than 2 points under float."""
+        algorithm clips hard counts too. Measured with each input's abs-max instead (without
+        bias correction), avg kept 9 convs float of 60 on yolov5n and improved (ONNX 0.3034),
+        but hist fell to 0.2809, more than 2 points under float."""
+        from .calibration import LayerDecisions
+
         with timer("layer_snr"):
             candidates = [ConvQuantParams(
                 node_name=all_to_onnx[op.weights[0]],
@@ -283,17 +286,19 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                 and op.inputs[0] in thresholds and op.weights[0] in thresholds]
             reasons, snr = choose_float_convs(onnx_model, candidates, images[:SNR_IMAGES],
                                               converted.onnx_input_name, cfg.min_layer_snr_db,
-                                              cfg.keep_regression_float)
+                                              cfg.keep_regression_float, cfg.conv_bias_correction)
         float_reasons.update(reasons)
         layer_snr.update(snr)
         to_paddle = {v: k for k, v in all_to_onnx.items()}
-        return [to_paddle[name] for name in reasons]
+        shifts = {to_paddle[name]: s.bias_shift for name, s in snr.items()
+                  if cfg.conv_bias_correction and name not in reasons}
+        return LayerDecisions(tuple(to_paddle[name] for name in reasons), shifts)
 
     with timer("ptq"):
         loader = calibration_loader(images, converted.paddle_input_name, cfg.PTQ.batch_size)
         result = run_ptq(_ptq_settings(cfg, algo), loader, str(converted.model_dir),
                          converted.model_file.name, converted.params_file.name, str(work_dir),
-                         save_model_filename=PADDLE_MODEL, before_update=keep_float)
+                         save_model_filename=PADDLE_MODEL, before_update=decide)
     with timer("onnx_scales"):
         # a conv skipped via skip_tensor_list (or keep_float) still reads its (float) weight, so
         # it is listed with weights but no quantized input: it has no scales and stays float
@@ -302,10 +307,13 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
         to_onnx = {op.weights[0]: all_to_onnx[op.weights[0]] for op in conv_ops}
         out_ranges = conv_output_ranges(onnx_model, list(to_onnx.values()), images,
                                         converted.onnx_input_name)
+        # the same bias shifts the Paddle model got (only those it could apply)
+        shifts = {all_to_onnx[w]: layer_snr[all_to_onnx[w]].bias_shift for w in result.bias_corrected}
         params = [ConvQuantParams(
             node_name=to_onnx[op.weights[0]],
             input_threshold=float(result.thresholds[op.inputs[0]]),
             weight_thresholds=np.asarray(result.thresholds[op.weights[0]], dtype=np.float64),
+            bias_shift=shifts.get(to_onnx[op.weights[0]]),
             **output_grid(onnx_model, to_onnx[op.weights[0]], *out_ranges[to_onnx[op.weights[0]]]))
             for op in conv_ops]
     return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,

@@ -71,6 +71,8 @@ class ConvQuantParams:
       asymmetric 8-bit grid (scale (high - low) / 255) for the Conv output. The output scale only
       exists for ORT (Paddle's int8 runtime does not requantize conv outputs), so it need not be
       symmetric; conv outputs followed by SiLU are mostly negative values that SiLU flattens.
+    * ``bias_shift``: per output channel, added to the Conv's float bias before it is quantized
+      (bias correction, see ``precision.layer_snr``); a Conv without bias gets one.
     """
 
     node_name: str
@@ -79,6 +81,7 @@ class ConvQuantParams:
     quantized_weight: Optional[np.ndarray] = None
     output_threshold: Optional[float] = None
     output_range: Optional[tuple] = None
+    bias_shift: Optional[np.ndarray] = None
 
     def __post_init__(self):
         where = f"ConvQuantParams({self.node_name!r})"
@@ -106,6 +109,11 @@ class ConvQuantParams:
             if not np.array_equal(q, np.round(q)) or q.min(initial=0) < -128 or q.max(initial=0) > 127:
                 raise ModelError(f"{where}.quantized_weight must hold integers in [-128, 127]")
             object.__setattr__(self, "quantized_weight", q.astype(np.int8))
+        if self.bias_shift is not None:
+            shift = np.asarray(self.bias_shift, dtype=np.float32).reshape(-1)
+            if not np.all(np.isfinite(shift)):
+                raise ModelError(f"{where}.bias_shift must be finite")
+            object.__setattr__(self, "bias_shift", shift)
 
 
 def _check_threshold(value, what: str) -> None:
@@ -299,6 +307,10 @@ def insert_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], activa
         node.input[1] = w_dq
         replaced_inits.add(w_name)
 
+        if p.bias_shift is not None:
+            if b_name is not None:
+                replaced_inits.add(b_name)
+            b_name = _shifted_bias(node, b_name, p.bias_shift, inits, w.shape[0], add_const)
         # Bias: int32 at scale s_in * s_w, the accumulator's scale, as QLinearConv consumes it.
         if b_name is not None and quantize_bias:
             if b_name not in inits:
@@ -370,8 +382,30 @@ def insert_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], activa
     still_used = {i for n in graph.node for i in n.input} | {i.name for i in graph.input} | {o.name for o in graph.output}
     keep = [i for i in graph.initializer if i.name not in replaced_inits or i.name in still_used]
     del graph.initializer[:]
-    graph.initializer.extend(keep + new_inits)
+    graph.initializer.extend(keep + [i for i in new_inits if i.name in still_used])
     return out
+
+
+def _shifted_bias(node: onnx.NodeProto, b_name: Optional[str], shift: np.ndarray, inits: dict,
+                  channels: int, add_const) -> str:
+    """Point ``node`` at a new float bias initializer = its bias (zeros if none) + ``shift``;
+    returns the new name. A new initializer, so a bias shared with another node is untouched."""
+    if shift.shape != (channels,):
+        raise ModelError(f"Conv {node.name!r}: bias_shift has {shift.size} values for {channels} "
+                         "output channels")
+    if b_name is None:
+        b = np.zeros(channels, np.float32)
+    elif b_name not in inits:
+        raise ModelError(f"Conv {node.name!r}: bias {b_name!r} is not an initializer; cannot "
+                         "correct it")
+    else:
+        b = numpy_helper.to_array(inits[b_name]).astype(np.float32)
+    name = add_const(f"{b_name or node.name + '_bias'}_corrected", (b + shift).astype(np.float32))
+    inits[name] = numpy_helper.from_array((b + shift).astype(np.float32), name)
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    return name
 
 
 def tensor_readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
