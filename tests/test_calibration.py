@@ -1,3 +1,4 @@
+import re
 import time
 from types import SimpleNamespace
 
@@ -441,3 +442,80 @@ def test_before_update_keeps_convs_float_and_shifts_biases(fp32_model, tmp_path)
         run_ptq(settings("avg"), calibration_loader(images, "image", 2), str(model_dir),
                 "model.pdmodel", "model.pdiparams", str(tmp_path / "q2"),
                 before_update=lambda thresholds, ops: ["conv2d_1.w_0"])
+
+
+def program_contents(model_path):
+    """(ops as (type, inputs, outputs) sorted, persistable var names) of a saved program."""
+    paddle.enable_static()
+    try:
+        with open(model_path, "rb") as f:
+            program = paddle.static.Program.parse_from_string(f.read())
+        def args(names):  # the save step's output names count up within a process
+            return tuple(re.sub(r"^save_infer_model/scale_(\d+)\.tmp_\d+$", r"save_infer_model/\1", n)
+                         for n in names)
+
+        ops = sorted((o.type, tuple(sorted((k, args(o.input(k))) for k in o.input_names)),
+                      tuple(sorted((k, args(o.output(k))) for k in o.output_names)))
+                     for o in program.global_block().ops)
+        return ops, sorted(v.name for v in program.list_vars() if v.persistable)
+    finally:
+        paddle.disable_static()
+
+
+def test_faster_ir_graph_rewrites_the_program_exactly_as_upstream(fp32_model, tmp_path, monkeypatch):
+    """yoloquant.paddle_speedups: the program rewrite with the cached / assert-free IrGraph
+    helpers gives the same ops, variables and parameters as Paddle's own helpers."""
+    import contextlib
+
+    from paddle.base.framework import IrGraph
+
+    import yoloquant.calibration as calibration
+
+    model_dir, images = fp32_model
+    originals = {n: getattr(IrGraph, n) for n in ("link_to", "all_persistable_nodes")}
+    results = {}
+    for name, ctx in (("fast", calibration.faster_ir_graph),
+                      ("upstream", contextlib.nullcontext)):
+        monkeypatch.setattr(calibration, "faster_ir_graph", ctx)
+        results[name] = run_ptq(settings("hist"), calibration_loader(images, "image", 2),
+                                str(model_dir), "model.pdmodel", "model.pdiparams",
+                                str(tmp_path / name))
+    assert {n: getattr(IrGraph, n) for n in originals} == originals  # restored on exit
+    fast, upstream = results["fast"], results["upstream"]
+    assert program_contents(fast.model_path) == program_contents(upstream.model_path)
+    names = [n for n in program_contents(fast.model_path)[1] if n not in ("feed", "fetch")]
+    assert any(n.endswith("@scale") for n in names)
+    a, b = params_of(fast.model_path, names), params_of(upstream.model_path, names)
+    for n in names:
+        np.testing.assert_array_equal(a[n], b[n])
+
+
+def test_faster_ir_graph_persistable_nodes_follow_graph_edits(fp32_model):
+    from paddle.base import core
+    from paddle.base.framework import IrGraph
+
+    from yoloquant.paddle_speedups import faster_ir_graph
+
+    model_dir, _ = fp32_model
+    paddle.enable_static()
+    try:
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        with paddle.static.scope_guard(paddle.static.Scope()):
+            program, _, _ = paddle.static.load_inference_model(str(model_dir / "model"), exe)
+        graph = IrGraph(core.Graph(program.desc), for_test=True)
+
+        def names():
+            return sorted(n.name() for n in graph.all_persistable_nodes())
+
+        reference = names()
+        with faster_ir_graph():
+            assert names() == reference
+            added = graph.create_persistable_node("extra@scale", core.VarDesc.VarType.LOD_TENSOR,
+                                                  [1], core.VarDesc.VarType.FP32)
+            graph.create_var_node("plain", core.VarDesc.VarType.LOD_TENSOR, [1],
+                                  core.VarDesc.VarType.FP32)
+            assert names() == sorted(reference + ["extra@scale"])
+            graph.safe_remove_nodes({added})
+            assert names() == reference
+    finally:
+        paddle.disable_static()
