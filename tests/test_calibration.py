@@ -31,6 +31,7 @@ def fixed_thresholds(x, algo, hist_percent=0.999):
     ptq._histogram_bins = BINS
     ptq._quantized_weight_var_name = set()
     ptq._quantized_act_var_name = {"x"}
+    ptq._searched_names = {"x"}  # read by an int8 kernel (no program here to find that out)
     ptq._zero_size_var_names = set()
     ptq._sampling_act_abs_min_max = {"x": [float(absx.min()), float(absx.max())]}
     ptq._sampling_act_histogram = {}
@@ -166,6 +167,7 @@ def test_histogram_sampling_counts_match_upstream():
         scope.var("x").get_tensor().set(x, paddle.CPUPlace())
         ptq = cls.__new__(cls)
         ptq._scope, ptq._quantized_act_var_name, ptq._zero_size_var_names = scope, {"x"}, set()
+        ptq._searched_names = {"x"}
         ptq._sampling_act_histogram = {"x": [np.zeros(BINS, np.int64), edges.copy()]}
         cls._sample_histogram(ptq)
         counts[cls] = ptq._sampling_act_histogram["x"][0]
@@ -184,6 +186,7 @@ def search_thresholds(batches, loss, cls):
     ptq._activation_bits = 8
     ptq._onnx_format = True
     ptq._quantized_act_var_name = {"x"}
+    ptq._searched_names = {"x"}
     ptq._quantized_threshold = {"w": [1.0]}  # weights done: only the activation is searched
     ptq._best_calibration_loss = {}
     ptq._zero_size_var_names = set()

@@ -102,6 +102,58 @@ def test_tiny_model_end_to_end(tiny_setup):
     assert np.abs(got - paddle_int8).mean() < 0.01
 
 
+def rescaled_int8_output(model_dir: Path, names, work: Path, x: np.ndarray, factor: float = 3.0):
+    """Paddle oneDNN int8 output of the saved model after multiplying the activation scales of
+    `names` by `factor`; also returns the names of all quantized activations."""
+    import shutil
+
+    import paddle
+
+    shutil.rmtree(work, ignore_errors=True)
+    paddle.enable_static()
+    try:
+        exe, scope = paddle.static.Executor(paddle.CPUPlace()), paddle.static.Scope()
+        with paddle.static.scope_guard(scope):
+            program, feeds, fetches = paddle.static.load_inference_model(str(model_dir / "model"), exe)
+            block = program.global_block()
+            persistable = {v.name for v in program.list_vars() if v.persistable}
+            activations = [op.input("X")[0] for op in block.ops if op.type == "quantize_linear"
+                           and op.input("X")[0] not in persistable]
+            for name in names:
+                tensor = scope.find_var(f"{name}@scale").get_tensor()
+                value = np.array(tensor)
+                tensor.set((value * factor).astype(value.dtype), paddle.CPUPlace())
+            paddle.static.save_inference_model(str(work / "model"), [block.var(feeds[0])], fetches, exe,
+                                               program=program)
+    finally:
+        paddle.disable_static()
+    backend = PaddleInferenceBackend(PaddleModelFiles(work / "model.pdmodel", work / "model.pdiparams"), int8=True)
+    return backend(x), activations
+
+
+def test_paddle_int8_reads_only_conv_input_scales(tiny_setup, caplog):
+    """Why only conv inputs get a searched threshold (calibration._searched): Paddle observes
+    and writes scales for every conv output, bias add, sigmoid, mul ... but its oneDNN int8 run
+    reads none of them. Scaling all of those changes no output bit; scaling a conv input does."""
+    import logging
+
+    root, raw = tiny_setup
+    out = root / "hist"
+    with caplog.at_level(logging.INFO, logger="yoloquant"):
+        quantize(config_from_dict(dict(raw, PTQ={"algo": "hist", "batch_nums": 4})), out)
+    assert any("threshold search on the 3 of" in r.getMessage() for r in caplog.records)
+    x = np.random.default_rng(2).random((1, 3, 64, 64), dtype=np.float32)
+    reference, activations = rescaled_int8_output(out, [], root / "rescaled", x)
+    conv_inputs = [n for n in activations if n.startswith(("x2paddle_images", "elementwise_mul"))]
+    others = [n for n in activations if n not in conv_inputs]
+    assert len(conv_inputs) == 3 and len(others) >= 8
+    unchanged, _ = rescaled_int8_output(out, others, root / "rescaled", x)
+    np.testing.assert_array_equal(unchanged, reference)
+    for name in conv_inputs:
+        changed, _ = rescaled_int8_output(out, [name], root / "rescaled", x)
+        assert np.abs(changed - reference).max() > 1e-3, name
+
+
 def test_failed_run_keeps_earlier_outputs(tiny_setup):
     root, raw = tiny_setup
     out = root / "keep"
