@@ -42,14 +42,18 @@ def main() -> None:
             metrics = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, tmp)}
         rows.append({"algo": algo, "paddle_int8": metrics["paddle-inference(onednn-int8)"],
                      "onnx_int8": metrics["onnxruntime"], "ptq_seconds": result.summary["seconds"]["ptq"],
-                     "job_seconds": round(total, 1), "calibration_images": result.summary["calibration"]["images"]})
+                     "job_seconds": round(total, 1), "calibration_images": result.summary["calibration"]["images"],
+                     "int8_convs": len(result.summary["quantized"]["onnx_conv_nodes"]),
+                     "float_convs": len(result.summary["kept_float"]["conv_reasons"])})
         print(rows[-1], flush=True)
     lines = [f"FP32 (ONNX Runtime): mAP@0.5:0.95 {fp32.map50_95:.4f} on {fp32.images} images; "
              f"calibration: {rows[0]['calibration_images']} images",
-             "", "| algo | Paddle oneDNN int8 | QDQ ONNX (ORT) | PTQ s | whole job s |", "|---|---|---|---|---|"]
+             "", "| algo | Paddle oneDNN int8 | QDQ ONNX (ORT) | int8 / float convs | PTQ s | whole job s |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['algo']} | {r['paddle_int8']:.4f} ({(r['paddle_int8'] - fp32.map50_95) * 100:+.2f}) "
                      f"| {r['onnx_int8']:.4f} ({(r['onnx_int8'] - fp32.map50_95) * 100:+.2f}) "
+                     f"| {r['int8_convs']} / {r['float_convs']} "
                      f"| {r['ptq_seconds']:.1f} | {r['job_seconds']:.1f} |")
     table = "\n".join(lines)
     print(table)

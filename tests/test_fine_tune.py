@@ -202,3 +202,37 @@ def test_regions_given_by_hand(tmp_path):
         build_units(model, convs, "region-wise", 6, regions=[["images.x", "act1"]])
     with pytest.raises(ConfigError, match="Reshape"):
         build_units(model, convs, "region-wise", 6, regions=[["act1", "r"]])
+
+
+def test_bias_correction_after_learned_rounding_reaches_both_runtimes(tiny):
+    """conv_bias_correction with fine_tune: measured with the learned weights, written into the
+    QDQ ONNX bias and the Paddle bias parameter alike (tiny model: 3 convs with biases)."""
+    from yoloquant.calibration import conv_bias_params
+
+    root, raw = tiny
+    cfg = config_from_dict(dict(raw, recon_images=4, conv_bias_correction=True))
+    out = root / "ft_bc"
+    fine_tune(cfg, out, settings_from(cfg, "layer-wise", False, epochs=20, lr=0.05, limit=6), progress=False)
+    summary = json.loads((out / SUMMARY).read_text())
+    rec = summary["reconstruction"]
+    assert rec["bias_corrected_convs"] == 3
+    mapping = {v: k for k, v in rec["paddle_to_onnx"].items()}
+    cal_model = next((root / "cache" / "x2paddle").glob("*/model.pdmodel"))
+    biases = conv_bias_params(cal_model, [mapping[c] for c in ("conv0", "conv1", "head")])
+    assert len(biases) == 3
+    original = paddle_params(cal_model, cal_model.with_suffix(".pdiparams"), list(biases.values()))
+    files = PaddleModelFiles.find(out)
+    corrected = paddle_params(files.model_file, files.params_file, list(biases.values()))
+    qdq = onnx.load(str(out / QDQ_ONNX))
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    nodes = {n.name: n for n in qdq.graph.node}
+    dq_of = {n.output[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    for conv in ("conv0", "conv1", "head"):
+        bias = biases[mapping[conv]]
+        shift = corrected[bias] - original[bias]
+        assert np.abs(shift).max() > 0, conv
+        # ONNX: the int32 bias at scale s_in * s_w dequantizes to the same corrected bias
+        dq = dq_of[nodes[conv].input[2]]
+        onnx_bias = inits[dq.input[0]].astype(np.float64) * inits[dq.input[1]].astype(np.float64)
+        step = np.max(inits[dq.input[1]])
+        np.testing.assert_allclose(onnx_bias, corrected[bias], atol=step, err_msg=conv)

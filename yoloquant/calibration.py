@@ -520,6 +520,53 @@ def _conv_bias_param(block, weight: str, persistable: set) -> Optional[str]:
     return None
 
 
+def conv_bias_params(model_file: Union[str, os.PathLike], weights: Sequence[str]) -> Dict[str, str]:
+    """{conv weight name: its bias parameter} in a float Paddle inference program (X2Paddle
+    layout, see _conv_bias_param); convs without a bias parameter are left out. The PTQ keeps
+    parameter names, so the same names hold in the quantized program."""
+    was_dynamic = paddle.in_dynamic_mode()
+    paddle.enable_static()
+    try:
+        with open(model_file, "rb") as f:
+            program = paddle.static.Program.parse_from_string(f.read())
+    finally:
+        if was_dynamic:
+            paddle.disable_static()
+    block = program.global_block()
+    persistable = {v.name for v in program.list_vars() if v.persistable}
+    found = {w: _conv_bias_param(block, w, persistable) for w in weights}
+    return {w: b for w, b in found.items() if b is not None}
+
+
+def add_to_paddle_params(model_file: Union[str, os.PathLike], deltas: Dict[str, np.ndarray]) -> None:
+    """Add `deltas` (parameter name -> values of its size) to the parameters of a saved Paddle
+    inference model, rewriting its .pdiparams in place."""
+    model_file = os.fspath(model_file)
+    prefix = model_file[:-len(".pdmodel")]
+    was_dynamic = paddle.in_dynamic_mode()
+    paddle.enable_static()
+    try:
+        scope, exe = paddle.static.Scope(), paddle.static.Executor(paddle.CPUPlace())
+        with paddle.static.scope_guard(scope):
+            program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
+            for name, delta in deltas.items():
+                var = scope.find_var(name)
+                if var is None:
+                    raise ModelError(f"{model_file} has no parameter {name!r}")
+                tensor = var.get_tensor()
+                value = np.array(tensor)
+                delta = np.asarray(delta, value.dtype)
+                if delta.size != value.size:
+                    raise ModelError(f"parameter {name} has {value.size} values, the change {delta.size}")
+                tensor.set(value + delta.reshape(value.shape), paddle.CPUPlace())
+            block = program.global_block()
+            paddle.static.save_inference_model(prefix, [block.var(n) for n in feeds], fetches, exe,
+                                               program=program)
+    finally:
+        if was_dynamic:
+            paddle.disable_static()
+
+
 # --------------------------------------------------------------------------------------------
 # Settings, result and the entry point
 # --------------------------------------------------------------------------------------------

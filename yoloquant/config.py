@@ -107,9 +107,10 @@ class Config:
                                              "(yoloquant/precision.py); null: no such check")
     keep_regression_float: bool = _key(True, "keep the box-regression prediction convs (found "
                                        "from the graph structure, yoloquant/head.py) float")
-    conv_bias_correction: bool = _key(True, "shift each int8 conv's bias by minus its mean "
+    conv_bias_correction: bool = _key(False, "shift each int8 conv's bias by minus its mean "
                                       "output error, measured on the calibration images "
-                                      "(both runtimes; yoloquant/precision.py)")
+                                      "(both runtimes; yoloquant/precision.py); no measurable "
+                                      "mAP gain on yolov5n, see README")
     PTQ: PTQConfig = field(default_factory=PTQConfig,
                            metadata={"help": "post-training quantization section", "choices": ()})
     # analysis (analysis.py)

@@ -14,6 +14,7 @@ from typing import Optional
 
 import onnx
 
+from .calibration import add_to_paddle_params
 from .config import Config
 from .errors import ConfigError
 from .fileio import staging_dir, write_json
@@ -48,8 +49,8 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
     """Calibrate, learn the rounding, write the int8 models and summary atomically into save_dir."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with staging_dir(save_dir) as stage:
-        # Bias correction is measured for round-to-nearest weights; the learned rounding
-        # reconstructs each conv's output itself (mean included), so it would over-correct.
+        # Bias correction is measured after the rounding is learned (below): shifts measured
+        # for round-to-nearest weights would not fit the learned ones.
         cal = calibrate(dataclasses.replace(cfg, conv_bias_correction=False), stage, algo)
         skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or []) if w in cal.paddle_to_onnx}
         quant_model = build_qdq(cal, skipped, activation_type) if settings.input_source == "quantized" else None
@@ -58,15 +59,22 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
                                  settings, float_nodes=skipped, quant_model=quant_model,
                                  cache_dir=recon_cache_dir(cfg), progress=progress)
         cal.conv_params = result.conv_params
+        shifts = {}
+        if cfg.conv_bias_correction:
+            with cal.timer("bias_correction"):
+                shifts = correct_biases_after_reconstruction(cal, skipped)
         with cal.timer("onnx_export"):
             onnx.save(build_qdq(cal, skipped, activation_type), str(stage / QDQ_ONNX))
         with cal.timer("paddle_export"):
             to_paddle = cal.onnx_to_paddle()
             written = write_paddle_weights(stage / PADDLE_MODEL,
                                            {to_paddle[name]: q for name, q in result.ints.items()})
+            if shifts:
+                add_to_paddle_params(stage / PADDLE_MODEL, shifts)
         summary = run_summary(cal, activation_type, started, "fine_tune", float_nodes=skipped)
         summary["reconstruction"] = result.summary(settings)
         summary["reconstruction"]["paddle_weights_written"] = written
+        summary["reconstruction"]["bias_corrected_convs"] = len(shifts)
         summary["reconstruction"]["paddle_to_onnx"] = dict(cal.paddle_to_onnx)
         write_json(stage / SUMMARY, summary)
     rs = summary["reconstruction"]
@@ -75,6 +83,26 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
              rs["loss_after_total"], 100 * rs["changed_fraction"], cal.timer.seconds.get("reconstruction", 0),
              save_dir)
     return PostQuantResult(Path(save_dir), summary)
+
+
+def correct_biases_after_reconstruction(cal, float_nodes) -> dict:
+    """Bias correction (precision.layer_snr) measured with the learned int8 weights: sets
+    each int8 conv's ConvQuantParams.bias_shift and returns {Paddle bias parameter: shift}
+    for the same convs in the Paddle model. Convs without a bias parameter in the Paddle
+    program are left uncorrected in both."""
+    from .calibration import conv_bias_params
+    from .precision import SNR_IMAGES, layer_snr
+
+    params = [p for p in cal.conv_params if p.node_name not in set(float_nodes)]
+    to_paddle = cal.onnx_to_paddle()
+    biases = conv_bias_params(cal.converted.model_file, [to_paddle[p.node_name] for p in params])
+    params = [p for p in params if to_paddle[p.node_name] in biases]
+    snr = layer_snr(cal.onnx_model, params, cal.images[:SNR_IMAGES], cal.converted.onnx_input_name,
+                    correct_bias=True)
+    cal.conv_params = [dataclasses.replace(p, bias_shift=snr[p.node_name].bias_shift)
+                       if p.node_name in snr else p for p in cal.conv_params]
+    log.info("bias correction after reconstruction: %d convs", len(snr))
+    return {biases[to_paddle[name]]: s.bias_shift for name, s in snr.items()}
 
 
 def fine_tune_command(config_path: str, save_dir: str, algo: Optional[str] = None, device: str = "cpu",
