@@ -81,3 +81,27 @@ def test_cli_prints_table_and_final_line(tmp_path):
     last = r.stdout.strip().splitlines()[-1]
     assert last.startswith("mAP@0.5:0.95 = ") and "mAP@0.5 = " in last
     assert json.loads(out.read_text())["images"] == 5
+
+
+def test_heldout_config_keeps_the_train_images_calibration_did_not_use(tmp_path):
+    import json
+
+    from yoloquant.config import config_from_dict
+    from yoloquant.errors import ConfigError
+    from yoloquant.evaluate import heldout_config
+
+    anno = {"images": [{"id": i, "file_name": f"{i}.jpg", "width": 8, "height": 8} for i in (1, 2, 3)],
+            "annotations": [{"id": 10 + i, "image_id": i, "bbox": [0, 0, 4, 4], "area": 16,
+                             "category_id": 1, "iscrowd": 0} for i in (1, 2, 3, 3)],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "train.json").write_text(json.dumps(anno))
+    cfg = config_from_dict({"model_dir": "m.onnx", "dataset_dir": str(tmp_path), "train_image_dir": "train",
+                            "train_anno_path": "train.json", "val_max_images": 5})
+    held = heldout_config(cfg, [1], tmp_path / "work")
+    written = json.loads(Path(held.val_anno_path).read_text())
+    assert [im["id"] for im in written["images"]] == [2, 3]
+    assert sorted(a["image_id"] for a in written["annotations"]) == [2, 3, 3]
+    assert held.val_image_dir == "train" and held.val_max_images is None
+    assert cfg.val_anno_path is None  # the given config is untouched
+    with pytest.raises(ConfigError, match="every annotated train image was used"):
+        heldout_config(cfg, [1, 2, 3], tmp_path / "work")
