@@ -4,8 +4,8 @@ Why: `PostTrainingQuantization._update_program` inserts ~900 quantize/dequantize
 YOLOv5n program (~5000 graph nodes) through `paddle.base.framework.IrGraph`, and three of its
 helpers scan the whole graph on every call:
 
-* `link_to` / `update_input_link` / `update_output_link` assert that each node they are given
-  is in `graph.nodes()`, a fresh list of every node: ~4000 calls, each building that list;
+* `link_to` / `update_input_link` assert that each node they are given is in `graph.nodes()`,
+  a fresh list of every node: ~4000 calls, each building that list;
 * `all_persistable_nodes` walks every node with several C++ calls per node, and the insert
   pass calls it twice per pair to look up a scale by name.
 
@@ -36,14 +36,6 @@ def _update_input_link(self, old_input_node, new_input_node, op_node):
     op_node.rename_input(old_input_node.name(), new_input_node.name())
 
 
-def _update_output_link(self, old_output_node, new_output_node, op_node):
-    old_output_node.remove_input(op_node)
-    op_node.remove_output(old_output_node)
-    new_output_node.append_input(op_node)
-    op_node.append_output(new_output_node)
-    op_node.rename_output(old_output_node.name(), new_output_node.name())
-
-
 def _all_persistable_nodes(self):
     # node id -> IrVarNode (or None: not a persistable var); a node's kind never changes, so
     # only ids not seen before need the per-node calls
@@ -61,7 +53,6 @@ def _all_persistable_nodes(self):
 
 
 _REPLACEMENTS = {"link_to": _link_to, "update_input_link": _update_input_link,
-                 "update_output_link": _update_output_link,
                  "all_persistable_nodes": _all_persistable_nodes}
 
 
