@@ -99,12 +99,10 @@ def test_mini_model_converts_exactly(mini):
     assert [p.name for p in cache.iterdir()] == [result.model_dir.name]
 
 
-def test_cache_hit_skips_x2paddle_and_is_fast(mini, monkeypatch):
+def test_cache_hit_skips_x2paddle(mini, monkeypatch):
     path, cache, first, _ = mini
     monkeypatch.setattr(convert, "_run_x2paddle", no_x2paddle)
-    t0 = time.perf_counter()
-    again = convert_onnx_to_paddle(path, cache_dir=cache)
-    assert time.perf_counter() - t0 < 2.0
+    again = convert_onnx_to_paddle(path, cache_dir=cache)  # no_x2paddle: raises if x2paddle runs
     assert again == first
 
 
@@ -226,10 +224,8 @@ def test_real_model_converts_and_matches_onnx(real_conversions, name):
 def test_real_model_cache_hit_by_content(real_conversions, tmp_path, monkeypatch):
     first, cache, _ = real_conversions("yolov5n")
     monkeypatch.setattr(convert, "_run_x2paddle", no_x2paddle)
-    t0 = time.perf_counter()
     again = convert_onnx_to_paddle(assets.asset("models/yolov5n.onnx"), cache_dir=cache,
-                                   verify_image=assets.asset("images/bus.jpg"))
-    assert time.perf_counter() - t0 < 2.0
+                                   verify_image=assets.asset("images/bus.jpg"))  # no x2paddle run
     assert again == first
     renamed = tmp_path / "my_detector.onnx"  # same bytes, another name: same entry
     shutil.copyfile(assets.asset("models/yolov5n.onnx"), renamed)
