@@ -336,6 +336,25 @@ def test_legacy_format_reports_the_same_ops(fp32_model, tmp_path):
         (("image",), ("conv2d_0.w_0",)), (("relu_0.tmp_0",), ("conv2d_1.w_0",))]
 
 
+def test_only_quantized_op_inputs_are_searched_in_onnx_format(fp32_model, tmp_path):
+    """onnx_format: a conv output (read by no int8 kernel) keeps its abs-max, a conv input gets
+    the hist threshold; the legacy format searches every observed tensor, as upstream."""
+    model_dir, images = fp32_model
+    batches = [np.stack(images[i:i + 2]) for i in range(0, 6, 2)]
+    _, _, abs_max = load_and_run(model_dir / "model.pdmodel", ["conv2d_0.tmp_0", "relu_0.tmp_0"], batches)
+    found = {}
+    for onnx_format in (True, False):
+        found[onnx_format] = run_ptq(
+            PTQSettings(algo="hist", batch_nums=3, hist_percent=0.99, quantizable_op_type=("conv2d",),
+                        onnx_format=onnx_format),
+            calibration_loader(images, "image", 2), str(model_dir), "model.pdmodel",
+            "model.pdiparams", str(tmp_path / str(onnx_format))).thresholds
+    assert found[True]["conv2d_0.tmp_0"] == pytest.approx(abs_max["conv2d_0.tmp_0"], rel=1e-6)
+    assert found[False]["conv2d_0.tmp_0"] < 0.99 * abs_max["conv2d_0.tmp_0"]
+    for onnx_format in (True, False):  # conv inputs are searched either way
+        assert found[onnx_format]["relu_0.tmp_0"] < 0.99 * abs_max["relu_0.tmp_0"]
+
+
 def test_upstream_hist_clips_the_input_on_the_same_model(fp32_model, tmp_path):
     model_dir, images = fp32_model
     loader = calibration_loader(images, "image", 2)

@@ -311,6 +311,10 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
         Paddle oneDNN int8 run of yolov5n unchanged, while changing the conv input scales did
         not (tests/test_ptq.py checks both on a small converted model). So those keep their
         abs-max and only these are searched (KL, hist, mse, emd)."""
+        if "_searched_names" not in self.__dict__ and not self._onnx_format:
+            # the legacy program stores output scales as op attributes, which Paddle's int8
+            # passes may read: that was not measured, so everything is searched as upstream does
+            self._searched_names = set(self._quantized_act_var_name)
         if "_searched_names" not in self.__dict__:
             kinds = set(self.quant_config.weight_quant_operation_types) \
                 | set(self.quant_config.activation_quant_operation_types)
