@@ -308,14 +308,16 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
         yolov5n) and gives them Q/DQ pairs that neither deployed runtime reads with our op set:
         oneDNN int8 does not requantize conv outputs, and the QDQ ONNX takes only conv input
         thresholds from here. Tripling all 325 of those scales left every output value of the
-        Paddle oneDNN int8 run of yolov5n unchanged, while changing the conv input scales did
-        not (tests/test_ptq.py checks both on a small converted model). So those keep their
+        Paddle oneDNN int8 run of yolov5n unchanged, while changing a conv input scale changes
+        it (tests/test_ptq.py checks both on a small converted model). So those keep their
         abs-max and only these are searched (KL, hist, mse, emd)."""
-        if "_searched_names" not in self.__dict__ and not self._onnx_format:
+        if "_searched_names" in self.__dict__:
+            return self._searched_names
+        if not self._onnx_format:
             # the legacy program stores output scales as op attributes, which Paddle's int8
             # passes may read: that was not measured, so everything is searched as upstream does
             self._searched_names = set(self._quantized_act_var_name)
-        if "_searched_names" not in self.__dict__:
+        else:
             kinds = set(self.quant_config.weight_quant_operation_types) \
                 | set(self.quant_config.activation_quant_operation_types)
             names = {name for op in self._program.global_block().ops if op.type in kinds
@@ -404,24 +406,15 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
         for op in block.ops:
             if skip & set(op.input_arg_names):
                 op._set_attr("op_namescope", "skip_quant")  # what skip_tensor_list sets
-        corrected = []
-        for weight, shift in sorted(decisions.bias_shifts.items()):
-            if weight in skip:
-                continue
-            bias = _conv_bias_param(block, weight, persistable)
-            if bias is None:
+        wanted = sorted(w for w in decisions.bias_shifts if w not in skip)
+        biases = _conv_bias_params(block, wanted, persistable)
+        for weight in wanted:
+            if weight not in biases:
                 log.warning("no bias parameter found after the conv reading %s: its bias is not "
                             "corrected", weight)
                 continue
-            tensor = self._scope.find_var(bias).get_tensor()
-            value = np.array(tensor)
-            shift = np.asarray(shift, value.dtype)
-            if shift.size != value.size:
-                raise ModelError(f"bias {bias} has {value.size} values, the shift for {weight} "
-                                 f"{shift.size}")
-            tensor.set(value + shift.reshape(value.shape), self._place)
-            corrected.append(weight)
-        self.bias_corrected = tuple(corrected)
+            _add_to_param(self._scope, biases[weight], decisions.bias_shifts[weight], self._place)
+        self.bias_corrected = tuple(w for w in wanted if w in biases)
 
     def _sample_mse(self):
         self._search_threshold("mse")
@@ -502,31 +495,53 @@ class LayerDecisions:
     bias_shifts: Dict[str, np.ndarray] = field(default_factory=dict)
 
 
-def _conv_bias_param(block, weight: str, persistable: set) -> Optional[str]:
-    """The bias parameter added to the output of the conv reading `weight`: X2Paddle writes a
-    conv's bias as conv2d -> elementwise_add(out, reshape2(bias)) (or the bias directly)."""
+def _conv_bias_params(block, weights: Sequence[str], persistable: set) -> Dict[str, str]:
+    """{weight: the bias parameter added to the output of the conv reading it}: X2Paddle writes
+    a conv's bias as conv2d -> elementwise_add(out, reshape2(bias)) (or the bias directly).
+    Convs in another layout are left out."""
     producers = {name: op for op in block.ops for name in op.output_arg_names}
-    conv = next((op for op in block.ops if weight in op.input_arg_names
-                 and op.type in ("conv2d", "depthwise_conv2d")), None)
-    if conv is None:
-        return None
-    out = conv.output("Output")[0]
-    readers = [op for op in block.ops if out in op.input_arg_names]
-    if len(readers) != 1 or readers[0].type != "elementwise_add" or readers[0].input("X") != [out]:
-        return None
-    y = readers[0].input("Y")[0]
-    if y in persistable:
-        return y
-    maker = producers.get(y)
-    if maker is not None and maker.type in ("reshape2", "reshape") \
-            and maker.input("X")[0] in persistable:
-        return maker.input("X")[0]
-    return None
+    readers: Dict[str, list] = {}
+    convs = {}
+    for op in block.ops:
+        for name in set(op.input_arg_names):
+            readers.setdefault(name, []).append(op)
+            if op.type in ("conv2d", "depthwise_conv2d"):
+                convs.setdefault(name, op)
+    found = {}
+    for weight in weights:
+        conv = convs.get(weight)
+        if conv is None:
+            continue
+        out = conv.output("Output")[0]
+        after = readers.get(out, [])
+        if len(after) != 1 or after[0].type != "elementwise_add" or after[0].input("X") != [out]:
+            continue
+        y = after[0].input("Y")[0]
+        maker = producers.get(y)
+        if y in persistable:
+            found[weight] = y
+        elif maker is not None and maker.type in ("reshape2", "reshape") \
+                and maker.input("X")[0] in persistable:
+            found[weight] = maker.input("X")[0]
+    return found
+
+
+def _add_to_param(scope, name: str, delta, place) -> None:
+    """Parameter `name` in `scope` += `delta` (same number of values, any shape)."""
+    var = scope.find_var(name)
+    if var is None:
+        raise ModelError(f"the program has no parameter {name!r}")
+    tensor = var.get_tensor()
+    value = np.array(tensor)
+    delta = np.asarray(delta, value.dtype)
+    if delta.size != value.size:
+        raise ModelError(f"parameter {name} has {value.size} values, the change {delta.size}")
+    tensor.set(value + delta.reshape(value.shape), place)
 
 
 def conv_bias_params(model_file: Union[str, os.PathLike], weights: Sequence[str]) -> Dict[str, str]:
     """{conv weight name: its bias parameter} in a float Paddle inference program (X2Paddle
-    layout, see _conv_bias_param); convs without a bias parameter are left out. The PTQ keeps
+    layout, see _conv_bias_params); convs without a bias parameter are left out. The PTQ keeps
     parameter names, so the same names hold in the quantized program."""
     was_dynamic = paddle.in_dynamic_mode()
     paddle.enable_static()
@@ -536,39 +551,36 @@ def conv_bias_params(model_file: Union[str, os.PathLike], weights: Sequence[str]
     finally:
         if was_dynamic:
             paddle.disable_static()
-    block = program.global_block()
-    persistable = {v.name for v in program.list_vars() if v.persistable}
-    found = {w: _conv_bias_param(block, w, persistable) for w in weights}
-    return {w: b for w, b in found.items() if b is not None}
+    return _conv_bias_params(program.global_block(), weights,
+                             {v.name for v in program.list_vars() if v.persistable})
 
 
-def add_to_paddle_params(model_file: Union[str, os.PathLike], deltas: Dict[str, np.ndarray]) -> None:
-    """Add `deltas` (parameter name -> values of its size) to the parameters of a saved Paddle
-    inference model, rewriting its .pdiparams in place."""
-    model_file = os.fspath(model_file)
-    prefix = model_file[:-len(".pdmodel")]
+@contextmanager
+def edited_inference_model(model_file: Union[str, os.PathLike]):
+    """Load a saved Paddle inference model into a fresh scope, yield (program, scope) for its
+    parameters to be changed, and save it back in place when the block ends without error."""
+    prefix = os.fspath(model_file)[:-len(".pdmodel")]
     was_dynamic = paddle.in_dynamic_mode()
     paddle.enable_static()
     try:
         scope, exe = paddle.static.Scope(), paddle.static.Executor(paddle.CPUPlace())
         with paddle.static.scope_guard(scope):
             program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
-            for name, delta in deltas.items():
-                var = scope.find_var(name)
-                if var is None:
-                    raise ModelError(f"{model_file} has no parameter {name!r}")
-                tensor = var.get_tensor()
-                value = np.array(tensor)
-                delta = np.asarray(delta, value.dtype)
-                if delta.size != value.size:
-                    raise ModelError(f"parameter {name} has {value.size} values, the change {delta.size}")
-                tensor.set(value + delta.reshape(value.shape), paddle.CPUPlace())
+            yield program, scope
             block = program.global_block()
             paddle.static.save_inference_model(prefix, [block.var(n) for n in feeds], fetches, exe,
                                                program=program)
     finally:
         if was_dynamic:
             paddle.disable_static()
+
+
+def add_to_paddle_params(model_file: Union[str, os.PathLike], deltas: Dict[str, np.ndarray]) -> None:
+    """Add `deltas` (parameter name -> values of its size) to the parameters of a saved Paddle
+    inference model, rewriting its .pdiparams in place."""
+    with edited_inference_model(model_file) as (_, scope):
+        for name, delta in deltas.items():
+            _add_to_param(scope, name, delta, paddle.CPUPlace())
 
 
 # --------------------------------------------------------------------------------------------

@@ -400,8 +400,9 @@ def _shifted_bias(node: onnx.NodeProto, b_name: Optional[str], shift: np.ndarray
                          "correct it")
     else:
         b = numpy_helper.to_array(inits[b_name]).astype(np.float32)
-    name = add_const(f"{b_name or node.name + '_bias'}_corrected", (b + shift).astype(np.float32))
-    inits[name] = numpy_helper.from_array((b + shift).astype(np.float32), name)
+    corrected = (b + shift).astype(np.float32)
+    name = add_const(f"{b_name or node.name + '_bias'}_corrected", corrected)
+    inits[name] = numpy_helper.from_array(corrected, name)  # read when the bias is quantized
     while len(node.input) < 3:
         node.input.append("")
     node.input[2] = name

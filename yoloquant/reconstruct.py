@@ -740,32 +740,18 @@ def write_paddle_weights(model_file: Path, ints_by_paddle_name: dict[str, np.nda
     tensors read by dequantize_linear) with the learned ones; returns how many were written."""
     import paddle
 
-    model_file = Path(model_file)
-    prefix = str(model_file)[:-len(".pdmodel")]
-    was_dynamic = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
-        scope = paddle.static.Scope()
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        with paddle.static.scope_guard(scope):
-            prog, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
-            block = prog.global_block()
-            dq_inputs = {op.input("X")[0] for op in block.ops if op.type == "dequantize_linear"}
-            written = 0
-            for name, q in ints_by_paddle_name.items():
-                var = scope.find_var(name)
-                if var is None or name not in dq_inputs:
-                    raise ModelError(f"the Paddle int8 program has no int8 weight {name!r} read by "
-                                     "dequantize_linear (was it saved with onnx_format: true?)")
-                tensor = var.get_tensor()
-                old = np.array(tensor)
-                if old.shape != q.shape:
-                    raise ModelError(f"Paddle weight {name} has shape {old.shape}, the learned one {q.shape}")
-                tensor.set(q.astype(old.dtype), paddle.CPUPlace())
-                written += 1
-            feed_vars = [block.var(n) for n in feeds]
-            paddle.static.save_inference_model(prefix, feed_vars, fetches, exe, program=prog)
-    finally:
-        if was_dynamic:
-            paddle.disable_static()
-    return written
+    from .calibration import edited_inference_model
+
+    with edited_inference_model(model_file) as (prog, scope):
+        dq_inputs = {op.input("X")[0] for op in prog.global_block().ops if op.type == "dequantize_linear"}
+        for name, q in ints_by_paddle_name.items():
+            var = scope.find_var(name)
+            if var is None or name not in dq_inputs:
+                raise ModelError(f"the Paddle int8 program has no int8 weight {name!r} read by "
+                                 "dequantize_linear (was it saved with onnx_format: true?)")
+            tensor = var.get_tensor()
+            old = np.array(tensor)
+            if old.shape != q.shape:
+                raise ModelError(f"Paddle weight {name} has shape {old.shape}, the learned one {q.shape}")
+            tensor.set(q.astype(old.dtype), paddle.CPUPlace())
+    return len(ints_by_paddle_name)
