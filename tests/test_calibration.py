@@ -12,7 +12,8 @@ from paddle.static.quantization.cal_kl_threshold import (cal_kl_threshold, expan
 from yoloquant.calibration import (FixedPostTrainingQuantization, LayerDecisions, PTQSettings,
                                    SUPPORTED_ALGOS,
                                    _kl_candidates, calibration_loader, kl_divergences,
-                                   kl_threshold, run_ptq, search_candidates, SEARCH_EXACT)
+                                   kl_threshold, ptf_threshold, run_ptq, search_candidates,
+                                   SEARCH_EXACT)
 from yoloquant.errors import ConfigError, ModelError
 
 BINS = 2048
@@ -178,7 +179,7 @@ def test_histogram_sampling_counts_match_upstream():
 
 
 def search_thresholds(batches, loss, cls):
-    """Activation threshold of one tensor after `batches` through `cls`'s mse/emd sampling step
+    """Activation threshold of one tensor after `batches` through `cls`'s mse/emd/ptf sampling step
     (upstream's PostTrainingQuantization or ours), without running a model."""
     scope = paddle.static.Scope()
     ptq = cls.__new__(cls)
@@ -190,7 +191,7 @@ def search_thresholds(batches, loss, cls):
     ptq._quantized_threshold = {"w": [1.0]}  # weights done: only the activation is searched
     ptq._best_calibration_loss = {}
     ptq._zero_size_var_names = set()
-    step = PostTrainingQuantization._sample_mse if loss == "mse" else PostTrainingQuantization._sample_emd
+    step = getattr(PostTrainingQuantization, f"_sample_{loss}")
     for batch in batches:
         scope.var("x").get_tensor().set(batch, paddle.CPUPlace())
         step(ptq) if cls is PostTrainingQuantization else getattr(ptq, f"_sample_{loss}")()
@@ -205,6 +206,27 @@ def test_mse_emd_search_equals_upstream_on_small_tensors(loss):
     ours = search_thresholds(batches, loss, FixedPostTrainingQuantization)
     assert ours == search_thresholds(batches, loss, PostTrainingQuantization)
     assert len(search_candidates()) == 35 and search_candidates()[0] == 0.3
+
+
+def test_upstream_ptf_keeps_the_last_batch_ours_the_mean_of_all():
+    rng = np.random.default_rng(5)
+    # one batch with a far larger range than the others, last: upstream calibrates on it alone
+    batches = [(rng.standard_t(3, (1, 8, 40, 40)) * s).astype(np.float32) for s in (1.0, 0.8, 1.1, 6.0)]
+    per_batch = [ptf_threshold(b) for b in batches]
+    assert len(set(per_batch)) > 1
+    for b, t in zip(batches, per_batch):  # the per-batch rule is upstream's, bit for bit
+        assert search_thresholds([b], "ptf", PostTrainingQuantization) == t
+        assert search_thresholds([b], "ptf", FixedPostTrainingQuantization) == t
+    assert search_thresholds(batches, "ptf", PostTrainingQuantization) == per_batch[-1]
+    ours = search_thresholds(batches, "ptf", FixedPostTrainingQuantization)
+    assert ours == pytest.approx(np.mean(per_batch), rel=1e-12)
+    # a power-of-two fraction of the batch abs-max, as the rule promises
+    frac = per_batch[0] / float(np.abs(batches[0]).max())
+    assert min(abs(frac - 2.0 ** -k) for k in range(4)) < 1e-6
+
+
+def test_ptf_of_an_all_zero_tensor_is_a_small_positive_threshold():
+    assert ptf_threshold(np.zeros((1, 2, 3, 3), np.float32)) == 1e-8
 
 
 @pytest.mark.parametrize("loss", ["mse", "emd"])
@@ -290,7 +312,7 @@ def settings(algo, **kw):
                        quantizable_op_type=("conv2d",), onnx_format=True, **kw)
 
 
-@pytest.mark.parametrize("algo", ["avg", "hist", "KL", "mse"])
+@pytest.mark.parametrize("algo", ["avg", "hist", "KL", "mse", "ptf"])
 def test_run_ptq_end_to_end(fp32_model, tmp_path, algo):
     model_dir, images = fp32_model
     loader = calibration_loader(images, "image", batch_size=2)

@@ -227,7 +227,7 @@ def yolov5n_fp32():
 
 @needs_assets
 @pytest.mark.slow
-@pytest.mark.parametrize("algo", ["avg", "KL", "hist", "mse", "emd", "abs_max"])
+@pytest.mark.parametrize("algo", ["avg", "KL", "hist", "mse", "emd", "abs_max", "ptf"])
 def test_yolov5n_int8_keeps_accuracy_in_both_runtimes(algo, yolov5n_fp32, tmp_path):
     from yoloquant.evaluate import evaluate_saved
 

@@ -252,6 +252,24 @@ def search_losses(x: np.ndarray, abs_max: float, loss: str, bits: int = 8,
                              total[:bins], float(flat64 @ flat64))
 
 
+def ptf_threshold(x: np.ndarray, bits: int = 8) -> float:
+    """Upstream's 'ptf' rule for one batch tensor: of the thresholds abs_max / 2^k, k = 0..3,
+    the one whose grid (values clipped to [0, threshold], as upstream) has the lowest squared
+    error. Upstream computes in float32; so does this."""
+    flat = np.asarray(x, dtype=np.float32).reshape(-1)
+    abs_max = float(np.max(np.abs(flat)))
+    if abs_max == 0.0:  # upstream divides by zero here; a small threshold as for mse / emd
+        return 1e-8
+    q_max = 2 ** (bits - 1) - 1
+    scale1 = abs_max / q_max / 8
+    losses = []
+    for factor in (1, 2, 4, 8):
+        scale = scale1 * factor
+        qdq = np.clip(np.round(flat / scale), 0, q_max) * scale
+        losses.append(float(((flat - qdq) ** 2).mean()))
+    return q_max * scale1 * 2 ** losses.index(min(losses))
+
+
 # --------------------------------------------------------------------------------------------
 # The fixed PostTrainingQuantization
 # --------------------------------------------------------------------------------------------
@@ -274,6 +292,11 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
     Speed: `_calculate_kl_hist_threshold` computes activation thresholds with `kl_threshold`
     (numpy) instead of upstream's pure-Python `cal_kl_threshold`. Weight thresholds are still
     computed by the upstream method, unchanged.
+
+    Second upstream bug ('ptf'): `_sample_ptf` overwrites each activation threshold on every
+    batch, so the model is calibrated on the last batch alone. `_sample_ptf` here applies
+    upstream's per-batch rule (`ptf_threshold`) and keeps the mean over the batches, as 'avg'
+    does with the batch abs-max.
     """
 
     def _init_sampling_act_histogram(self):
@@ -415,6 +438,32 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
                 continue
             _add_to_param(self._scope, biases[weight], decisions.bias_shifts[weight], self._place)
         self.bias_corrected = tuple(w for w in wanted if w in biases)
+
+    def _sample_ptf(self):
+        """One batch of 'ptf' (see the class docstring): the running mean of the per-batch
+        thresholds; tensors read by no int8 kernel get the abs-max over the batches."""
+        if self._quantized_threshold == {}:
+            with self._weights_only():  # weight thresholds: upstream's own code, run once
+                super()._sample_ptf()
+        searched = self._searched()
+        sums = self.__dict__.setdefault("_ptf_sums", {})
+
+        def threshold_of(item):
+            var_name, tensor = item
+            if var_name not in searched:
+                return var_name, None, float(max(tensor.max(), -tensor.min()))
+            return var_name, ptf_threshold(tensor, self._activation_bits), None
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            measured = list(pool.map(threshold_of, self._observed()))
+        for var_name, threshold, abs_max in measured:
+            if threshold is None:
+                self._quantized_threshold[var_name] = max(
+                    abs_max, self._quantized_threshold.get(var_name, 0.0))
+                continue
+            total, batches = sums.get(var_name, (0.0, 0))
+            sums[var_name] = (total + threshold, batches + 1)
+            self._quantized_threshold[var_name] = (total + threshold) / (batches + 1)
 
     def _sample_mse(self):
         self._search_threshold("mse")

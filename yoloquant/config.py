@@ -30,7 +30,7 @@ from .errors import ConfigError
 log = logging.getLogger("yoloquant")
 
 ARCHES = ("YOLOv5", "YOLOv6", "YOLOv7", "YOLOX")
-PTQ_ALGOS = ("KL", "hist", "avg", "mse", "emd", "abs_max")
+PTQ_ALGOS = ("KL", "hist", "avg", "mse", "emd", "abs_max", "ptf")
 
 
 def _key(default, help: str, choices: tuple = ()):  # noqa: A002 - 'help' reads best here
