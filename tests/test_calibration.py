@@ -566,3 +566,43 @@ def test_faster_ir_graph_persistable_nodes_follow_graph_edits(fp32_model):
             assert names() == reference
     finally:
         paddle.disable_static()
+
+
+def upstream_quantized_output(model_dir, images, out_dir, round_type):
+    """Paddle's own PostTrainingQuantization (onnx_format), saved and run as a float
+    simulation; returns the model output on the calibration images."""
+    loader = calibration_loader(images, "image", 2)
+    paddle.enable_static()
+    try:
+        scope = paddle.static.Scope()
+        with paddle.static.scope_guard(scope):
+            ptq = PostTrainingQuantization(
+                executor=paddle.static.Executor(paddle.CPUPlace()), model_dir=str(model_dir),
+                model_filename="model.pdmodel", params_filename="model.pdiparams",
+                data_loader=loader, batch_nums=3, scope=scope, algo="avg",
+                quantizable_op_type=["conv2d"], onnx_format=True, round_type=round_type)
+            ptq.quantize()
+            ptq.save_quantized_model(str(out_dir), model_filename="model.pdmodel",
+                                     params_filename="model.pdiparams")
+    finally:
+        paddle.disable_static()
+    batches = [np.stack(images[i:i + 2]) for i in range(0, 6, 2)]
+    return load_and_run(out_dir / "model.pdmodel", [], batches)[1]
+
+
+def test_upstream_adaround_breaks_onnx_format_models_and_is_refused(fp32_model, tmp_path):
+    """round_type='adaround' writes integer weights into the scope, which the onnx_format
+    program then quantizes again: the saved model's output is garbage (yolov5n: mAP 0.000 in
+    Paddle's int8 runtime). PTQSettings refuses the combination and points to fine_tune.py."""
+    model_dir, images = fp32_model
+    batches = [np.stack(images[i:i + 2]) for i in range(0, 6, 2)]
+    reference = load_and_run(model_dir / "model.pdmodel", [], batches)[1]
+    rounded = upstream_quantized_output(model_dir, images, tmp_path / "round", "round")
+    adarounded = upstream_quantized_output(model_dir, images, tmp_path / "adaround", "adaround")
+    scale = np.abs(reference).max()
+    assert np.abs(rounded - reference).max() < 0.1 * scale
+    assert np.abs(adarounded - reference).max() > scale  # larger than the output itself
+    with pytest.raises(ConfigError, match="fine_tune.py"):
+        settings("avg", round_type="adaround")
+    legacy = PTQSettings(algo="avg", round_type="adaround", onnx_format=False)
+    assert legacy.round_type == "adaround"

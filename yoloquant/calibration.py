@@ -692,6 +692,12 @@ class PTQSettings:
                               "valid: " + ", ".join(ACTIVATION_QUANTIZE_TYPES))
         if self.round_type not in ROUND_TYPES:
             raise ConfigError(f"round_type {self.round_type!r}; valid: " + ", ".join(ROUND_TYPES))
+        if self.round_type == "adaround" and self.onnx_format:
+            # paddle 2.6 writes AdaRound's int8 values as the weights, then the onnx_format
+            # program quantizes them again (tested: output off by more than its own range)
+            raise ConfigError("round_type 'adaround' with onnx_format is broken in paddle 2.6 (the "
+                              "weights are quantized twice; yolov5n scores mAP 0.000). Use "
+                              "fine_tune.py for learned rounding (AdaRound / BRECQ / QDrop)")
         if self.weight_bits != self.activation_bits or not 2 <= self.weight_bits <= 16:
             raise ConfigError("weight_bits and activation_bits must be equal (paddle supports "
                               f"nothing else) and in 2..16, got {self.weight_bits} and "
