@@ -17,7 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from yoloquant.cli import setup_logging  # noqa: E402
-from yoloquant.config import PTQ_ALGOS, load_config  # noqa: E402
+from yoloquant.calibration import WEIGHT_QUANTIZE_TYPES  # noqa: E402
+from yoloquant.config import PTQ_ALGOS, WEIGHT_ROUNDINGS, load_config  # noqa: E402
 from yoloquant.evaluate import evaluate_backend, evaluate_saved, heldout_config  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
 from yoloquant.provenance import machine, package_versions  # noqa: E402
@@ -33,9 +34,20 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--heldout", action=argparse.BooleanOptionalAction, default=True,
                         help="also evaluate on the train images calibration did not use")
+    parser.add_argument("--weight_rounding", choices=WEIGHT_ROUNDINGS, default=None,
+                        help="override the config's weight_rounding")
+    parser.add_argument("--weight_quantize_type", choices=WEIGHT_QUANTIZE_TYPES, default=None,
+                        help="override the config's PTQ.weight_quantize_type")
     args = parser.parse_args()
     setup_logging()
     cfg = load_config(args.config_path)
+    variant = ""
+    if args.weight_rounding:
+        cfg.weight_rounding = args.weight_rounding
+        variant += f"_{args.weight_rounding}"
+    if args.weight_quantize_type:
+        cfg.PTQ.weight_quantize_type = args.weight_quantize_type
+        variant += f"_{args.weight_quantize_type}"
     fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir))
     rows, heldout_fp32, work = [], None, tempfile.TemporaryDirectory()
     for algo in args.algos:
@@ -67,7 +79,8 @@ def main() -> None:
     lines = [f"FP32 (ONNX Runtime): mAP@0.5:0.95 {fp32.map50_95:.4f} on {fp32.images} val images"
              + (f", {heldout_fp32.map50_95:.4f} on {heldout_fp32.images} held-out train images"
                 if heldout_fp32 else "")
-             + f"; calibration: {rows[0]['calibration_images']} images", ""]
+             + f"; calibration: {rows[0]['calibration_images']} images; weights: "
+             f"{cfg.PTQ.weight_quantize_type}, rounding: {cfg.weight_rounding}", ""]
     held_head = " held-out Paddle | held-out ONNX |" if heldout_fp32 else ""
     lines += ["| algo | Paddle oneDNN int8 | QDQ ONNX (ORT) |" + held_head
               + " int8 / float convs | PTQ s | whole job s |",
@@ -83,7 +96,7 @@ def main() -> None:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    name = Path(args.config_path).stem
+    name = Path(args.config_path).stem + variant
     (out / f"ptq_algorithms_{name}.md").write_text(table + "\n")
     work.cleanup()
     write_json(out / f"ptq_algorithms_{name}.json", {"fp32": fp32.as_dict(), "rows": rows,

@@ -119,3 +119,14 @@ def test_readme_key_table_is_current():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = readme.split("<!-- keys -->\n", 1)[1].split("<!-- /keys -->", 1)[0].strip()
     assert table == reference_table().strip()
+
+
+def test_gptq_and_bias_correction_are_exclusive():
+    from yoloquant.config import config_from_dict
+
+    assert config_from_dict({"weight_rounding": "gptq"}).weight_rounding == "gptq"
+    assert config_from_dict({}).weight_rounding == "nearest"
+    with pytest.raises(ConfigError, match="weight_rounding: nearest, or conv_bias_correction: false"):
+        config_from_dict({"weight_rounding": "gptq", "conv_bias_correction": True})
+    with pytest.raises(ConfigError, match="choose one of nearest, gptq"):
+        config_from_dict({"weight_rounding": "adaround"})

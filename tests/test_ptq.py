@@ -102,6 +102,46 @@ def test_tiny_model_end_to_end(tiny_setup):
     assert np.abs(got - paddle_int8).mean() < 0.01
 
 
+def int8_conv_weights(save_dir: Path) -> tuple[dict, dict]:
+    """({weight shape: int8 values} of the Paddle int8 model, the same of the QDQ ONNX)."""
+    from yoloquant.ptq import paddle_params
+
+    summary = json.loads((save_dir / SUMMARY).read_text())
+    files = PaddleModelFiles.find(save_dir)
+    paddle_w = paddle_params(files.model_file, files.params_file, summary["quantized"]["paddle_weights"])
+    qdq = onnx.load(str(save_dir / QDQ_ONNX))
+    onnx_w = [numpy_helper.to_array(i) for i in qdq.graph.initializer if i.data_type == TensorProto.INT8
+              and len(i.dims) == 4]
+    return {v.shape: v for v in paddle_w.values()}, {v.shape: v for v in onnx_w}
+
+
+def test_gptq_rounding_reaches_both_models(tiny_setup):
+    """weight_rounding: gptq changes which grid point some weights take (not the scales), and
+    the Paddle int8 model and the QDQ ONNX carry the same int8 values."""
+    root, raw = tiny_setup
+    nearest_dir, gptq_dir = root / "out_nearest", root / "out_gptq"
+    quantize(config_from_dict(raw), nearest_dir)
+    result = quantize(config_from_dict({**raw, "weight_rounding": "gptq"}), gptq_dir)
+    assert result.summary["config"]["weight_rounding"] == "gptq"
+    assert result.summary["seconds"]["gptq"] > 0
+    paddle_near, onnx_near = int8_conv_weights(nearest_dir)
+    paddle_gptq, onnx_gptq = int8_conv_weights(gptq_dir)
+    assert len(onnx_gptq) == 3 and set(paddle_gptq) == set(onnx_gptq) == set(onnx_near)
+    changed = 0
+    for shape, q in onnx_gptq.items():
+        np.testing.assert_array_equal(paddle_gptq[shape], q)  # same values in both runtimes
+        np.testing.assert_array_equal(paddle_near[shape], onnx_near[shape])
+        diff = np.abs(q.astype(int) - onnx_near[shape].astype(int))
+        assert diff.max() <= 3 and np.mean(diff <= 1) > 0.95
+        changed += int(np.count_nonzero(diff))
+    assert changed > 0.02 * sum(q.size for q in onnx_gptq.values())
+    x = np.random.default_rng(2).random((1, 3, 64, 64), dtype=np.float32)
+    ref = OnnxRuntimeBackend(root / "tiny.onnx")(x)
+    got = OnnxRuntimeBackend(gptq_dir / QDQ_ONNX)(x)
+    paddle_int8 = PaddleInferenceBackend(PaddleModelFiles.find(gptq_dir), int8=True)(x)
+    assert np.abs(got - ref).mean() < 0.02 and np.abs(got - paddle_int8).mean() < 0.01
+
+
 def rescaled_int8_output(model_dir: Path, names, work: Path, x: np.ndarray, factor: float = 3.0):
     """Paddle oneDNN int8 output of the saved model after multiplying the activation scales of
     `names` by `factor`; also returns the names of all quantized activations."""

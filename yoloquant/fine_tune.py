@@ -49,9 +49,11 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
     """Calibrate, learn the rounding, write the int8 models and summary atomically into save_dir."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with staging_dir(save_dir) as stage:
+        # The learned rounding replaces GPTQ's, so calibrate with round-to-nearest weights.
         # Bias correction is measured after the rounding is learned (below): shifts measured
         # for round-to-nearest weights would not fit the learned ones.
-        cal = calibrate(dataclasses.replace(cfg, conv_bias_correction=False), stage, algo)
+        cal = calibrate(dataclasses.replace(cfg, conv_bias_correction=False,
+                                            weight_rounding="nearest"), stage, algo)
         skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or []) if w in cal.paddle_to_onnx}
         quant_model = build_qdq(cal, skipped, activation_type) if settings.input_source == "quantized" else None
         with cal.timer("reconstruction"):

@@ -74,12 +74,17 @@ def paddle_params(model_file: Path, params_file: Path, names) -> dict[str, np.nd
     """Values of the named persistable variables of a Paddle inference model."""
     import paddle
 
+    dynamic = paddle.in_dynamic_mode()
     paddle.enable_static()
-    scope = paddle.static.Scope()
-    exe = paddle.static.Executor(paddle.CPUPlace())
-    with paddle.static.scope_guard(scope):
-        paddle.static.load_inference_model(str(model_file)[:-len(".pdmodel")], exe)
-        return {n: np.array(scope.find_var(n).get_tensor()) for n in names}
+    try:
+        scope = paddle.static.Scope()
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        with paddle.static.scope_guard(scope):
+            paddle.static.load_inference_model(str(model_file)[:-len(".pdmodel")], exe)
+            return {n: np.array(scope.find_var(n).get_tensor()) for n in names}
+    finally:
+        if dynamic:  # leave the caller's mode as it was
+            paddle.disable_static()
 
 
 def _weight_key(w: np.ndarray) -> tuple:
@@ -316,8 +321,28 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
             bias_shift=shifts.get(to_onnx[op.weights[0]]),
             **output_grid(onnx_model, to_onnx[op.weights[0]], *out_ranges[to_onnx[op.weights[0]]]))
             for op in conv_ops]
+    if cfg.weight_rounding == "gptq" and params:
+        params = round_weights_gptq(onnx_model, params, images, converted.onnx_input_name,
+                                    Path(work_dir) / PADDLE_MODEL,
+                                    {v: k for k, v in to_onnx.items()}, timer)
     return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,
                        image_ids, str(calib.image_dir), timer, float_reasons, layer_snr)
+
+
+def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, input_name: str,
+                       paddle_model: Path, to_paddle: dict, timer: Timer) -> list:
+    """GPTQ int8 weights for every conv in params, written into the saved Paddle int8 model and
+    returned as the params' quantized_weight (the QDQ ONNX takes them from there)."""
+    from dataclasses import replace
+
+    from .gptq import gptq_weights
+    from .reconstruct import write_paddle_weights
+
+    with timer("gptq"):
+        ints = gptq_weights(onnx_model, params, images, input_name)
+        write_paddle_weights(paddle_model, {to_paddle[name]: q for name, q in ints.items()})
+    log.info("GPTQ rounded the weights of %d convs on %d images", len(ints), len(images))
+    return [replace(p, quantized_weight=ints[p.node_name]) for p in params]
 
 
 def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8") -> onnx.ModelProto:
