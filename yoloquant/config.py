@@ -115,8 +115,8 @@ class Config:
     weight_rounding: str = _key("nearest", "how int8 conv weights are rounded: to the nearest "
                                 "step, or GPTQ (each rounding error compensated by the weights "
                                 "not yet rounded, from the calibration images' input statistics; "
-                                "yoloquant/gptq.py; +8 s on yolov5n). Measured gain: per-tensor "
-                                "weights +0.7 mAP points, per-channel within noise",
+                                "yoloquant/gptq.py; +8-12 s on yolov5n). Helps per-tensor weights; "
+                                "with per-channel weights no gain beyond noise (README)",
                                 WEIGHT_ROUNDINGS)
     PTQ: PTQConfig = field(default_factory=PTQConfig,
                            metadata={"help": "post-training quantization section", "choices": ()})
