@@ -382,18 +382,7 @@ def test_upstream_hist_clips_the_input_on_the_same_model(fp32_model, tmp_path):
     loader = calibration_loader(images, "image", 2)
     ours = run_ptq(settings("hist"), loader, str(model_dir), "model.pdmodel",
                    "model.pdiparams", str(tmp_path / "q"))
-    paddle.enable_static()
-    try:
-        scope = paddle.static.Scope()
-        with paddle.static.scope_guard(scope):
-            upstream = PostTrainingQuantization(
-                executor=paddle.static.Executor(paddle.CPUPlace()), model_dir=str(model_dir),
-                model_filename="model.pdmodel", params_filename="model.pdiparams",
-                data_loader=loader, batch_nums=3, scope=scope, algo="hist", hist_percent=0.999,
-                quantizable_op_type=["conv2d"], onnx_format=True)
-            upstream.quantize()
-    finally:
-        paddle.disable_static()
+    upstream = run_upstream_ptq(model_dir, loader, algo="hist", hist_percent=0.999)
     theirs = upstream._quantized_var_threshold
     assert theirs["image"] < 0.41 < 0.69 < ours.thresholds["image"]
     # relu output has abs_min = 0, where upstream's histogram was already right
@@ -568,10 +557,9 @@ def test_faster_ir_graph_persistable_nodes_follow_graph_edits(fp32_model):
         paddle.disable_static()
 
 
-def upstream_quantized_output(model_dir, images, out_dir, round_type):
-    """Paddle's own PostTrainingQuantization (onnx_format), saved and run as a float
-    simulation; returns the model output on the calibration images."""
-    loader = calibration_loader(images, "image", 2)
+def run_upstream_ptq(model_dir, loader, save_dir=None, **settings):
+    """Paddle's own PostTrainingQuantization (onnx_format, convs only, 3 batches) on the test
+    model; saved to save_dir if given."""
     paddle.enable_static()
     try:
         scope = paddle.static.Scope()
@@ -579,13 +567,21 @@ def upstream_quantized_output(model_dir, images, out_dir, round_type):
             ptq = PostTrainingQuantization(
                 executor=paddle.static.Executor(paddle.CPUPlace()), model_dir=str(model_dir),
                 model_filename="model.pdmodel", params_filename="model.pdiparams",
-                data_loader=loader, batch_nums=3, scope=scope, algo="avg",
-                quantizable_op_type=["conv2d"], onnx_format=True, round_type=round_type)
+                data_loader=loader, batch_nums=3, scope=scope, quantizable_op_type=["conv2d"],
+                onnx_format=True, **settings)
             ptq.quantize()
-            ptq.save_quantized_model(str(out_dir), model_filename="model.pdmodel",
-                                     params_filename="model.pdiparams")
+            if save_dir is not None:
+                ptq.save_quantized_model(str(save_dir), model_filename="model.pdmodel",
+                                         params_filename="model.pdiparams")
     finally:
         paddle.disable_static()
+    return ptq
+
+
+def upstream_quantized_output(model_dir, images, out_dir, round_type):
+    """Output of upstream's avg-calibrated model (run as a float simulation) on the images."""
+    run_upstream_ptq(model_dir, calibration_loader(images, "image", 2), out_dir, algo="avg",
+                     round_type=round_type)
     batches = [np.stack(images[i:i + 2]) for i in range(0, 6, 2)]
     return load_and_run(out_dir / "model.pdmodel", [], batches)[1]
 

@@ -1,0 +1,93 @@
+"""Benchmark: how much the deployed INT8 mAP depends on which images calibrate it.
+
+  python bench/calibration_draws.py --config_path configs/yolov5n_coco_mini.yaml --algos avg abs_max
+
+Splits the calibration folder (sorted by file name) into disjoint draws of PTQ.batch_nums x
+batch_size images, runs the whole post_quant job on each and scores both INT8 artifacts on the
+evaluation set. The spread across draws is the noise any single-run comparison carries; the
+mean is what a user should expect. Prints a Markdown table and writes it with a JSON copy to --out.
+"""
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from yoloquant.cli import setup_logging  # noqa: E402
+from yoloquant.config import PTQ_ALGOS, WEIGHT_ROUNDINGS, load_config  # noqa: E402
+from yoloquant.data import IMAGE_EXTENSIONS  # noqa: E402
+from yoloquant.evaluate import evaluate_backend, evaluate_saved  # noqa: E402
+from yoloquant.fileio import write_json  # noqa: E402
+from yoloquant.provenance import machine, package_versions  # noqa: E402
+from yoloquant.ptq import quantize  # noqa: E402
+from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
+
+RUNTIMES = {"paddle-inference(onednn-int8)": "Paddle int8", "onnxruntime": "QDQ ONNX"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config_path", default="configs/yolov5n_coco_mini.yaml")
+    parser.add_argument("--algos", nargs="+", default=["avg"], choices=PTQ_ALGOS)
+    parser.add_argument("--draws", type=int, default=5, help="at most this many disjoint draws")
+    parser.add_argument("--weight_rounding", choices=WEIGHT_ROUNDINGS, default=None)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args()
+    setup_logging()
+    cfg = load_config(args.config_path)
+    if args.weight_rounding:
+        cfg.weight_rounding = args.weight_rounding
+    size = cfg.PTQ.batch_nums * cfg.PTQ.batch_size
+    source = Path(cfg.data_path(cfg.train_image_dir))
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    draws = min(args.draws, len(files) // size)
+    if draws < 2:
+        sys.exit(f"{source} has {len(files)} images: fewer than two draws of {size}")
+    fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir)).map50_95
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in range(draws):
+            folder = Path(tmp) / f"draw{d}"
+            folder.mkdir()
+            for f in files[d * size:(d + 1) * size]:
+                os.symlink(f, folder / f.name)
+            cfg.train_image_dir, cfg.train_anno_path = str(folder), None
+            for algo in args.algos:
+                cfg.PTQ.algo = algo
+                save = Path(tmp) / f"out_{d}_{algo}"
+                result = quantize(cfg, save)
+                scores = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, str(save))}
+                rows.append({"draw": d, "first_image": files[d * size].name, "algo": algo,
+                             "float_convs": len(result.summary["kept_float"]["conv_reasons"]),
+                             **{RUNTIMES[k]: v for k, v in scores.items()}})
+                print(rows[-1], flush=True)
+    where = f"{source.parent.name}/{source.name}"
+    lines = [f"FP32 {fp32:.4f}; {draws} disjoint draws of {size} images from {where} "
+             f"(sorted by name); weight rounding: {cfg.weight_rounding}; mAP@0.5:0.95 on the "
+             "evaluation set, (delta to FP32 in points)", "",
+             "| algo | runtime | " + " | ".join(f"draw {d}" for d in range(draws)) + " | mean | std |",
+             "|---|---|" + "---|" * draws + "---|---|"]
+    for algo in args.algos:
+        for runtime in RUNTIMES.values():
+            values = [r[runtime] for r in rows if r["algo"] == algo]
+            cells = " | ".join(f"{v:.4f} ({(v - fp32) * 100:+.2f})" for v in values)
+            mean = statistics.mean(values)
+            lines.append(f"| {algo} | {runtime} | {cells} | {mean:.4f} ({(mean - fp32) * 100:+.2f}) "
+                         f"| {statistics.stdev(values) * 100:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(args.config_path).stem + (f"_{args.weight_rounding}" if args.weight_rounding else "")
+    (out / f"calibration_draws_{name}.md").write_text(table + "\n")
+    write_json(out / f"calibration_draws_{name}.json", {"fp32": fp32, "rows": rows,
+                                                         "versions": package_versions(),
+                                                         "machine": machine()})
+
+
+if __name__ == "__main__":
+    main()
