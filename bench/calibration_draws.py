@@ -28,13 +28,27 @@ from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
 RUNTIMES = {"paddle-inference(onednn-int8)": "Paddle int8", "onnxruntime": "QDQ ONNX"}
 
 
+def nncf_row(cfg, xml: Path, draw: int, first_image: str) -> dict:
+    """NNCF on the draw's calibration images (the same images, preprocessed the same way)."""
+    from bench.speed import OpenVinoBackend, calibration_images, quantize_nncf_openvino
+
+    images, _, _ = calibration_images(cfg, cfg.model_dir)
+    quantize_nncf_openvino(cfg.model_dir, images, xml)
+    score = evaluate_backend(cfg, OpenVinoBackend(xml, threads=2)).map50_95
+    return {"draw": draw, "first_image": first_image, "algo": "NNCF", "OpenVINO": score}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config_path", default="configs/yolov5n_coco_mini.yaml")
-    parser.add_argument("--algos", nargs="+", default=["avg"], choices=PTQ_ALGOS)
+    parser.add_argument("--algos", nargs="*", default=["avg"], choices=PTQ_ALGOS,
+                        help="our algorithms to run (none: only --peers)")
     parser.add_argument("--draws", type=int, default=5, help="at most this many disjoint draws")
     parser.add_argument("--weight_rounding", choices=WEIGHT_ROUNDINGS, default=None)
+    parser.add_argument("--peers", nargs="*", default=[], choices=["nncf"],
+                        help="also quantize each draw with NNCF (OpenVINO model, head ignored, as "
+                             "in bench/speed.py) and score it on OpenVINO")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     setup_logging()
@@ -56,6 +70,9 @@ def main() -> None:
             for f in files[d * size:(d + 1) * size]:
                 os.symlink(f, folder / f.name)
             cfg.train_image_dir, cfg.train_anno_path = str(folder), None
+            if "nncf" in args.peers:
+                rows.append(nncf_row(cfg, Path(tmp) / f"nncf_{d}.xml", d, files[d * size].name))
+                print(rows[-1], flush=True)
             for algo in args.algos:
                 cfg.PTQ.algo = algo
                 save = Path(tmp) / f"out_{d}_{algo}"
@@ -71,18 +88,21 @@ def main() -> None:
              "evaluation set, (delta to FP32 in points)", "",
              "| algo | runtime | " + " | ".join(f"draw {d}" for d in range(draws)) + " | mean | std |",
              "|---|---|" + "---|" * draws + "---|---|"]
-    for algo in args.algos:
-        for runtime in RUNTIMES.values():
-            values = [r[runtime] for r in rows if r["algo"] == algo]
-            cells = " | ".join(f"{v:.4f} ({(v - fp32) * 100:+.2f})" for v in values)
-            mean = statistics.mean(values)
-            lines.append(f"| {algo} | {runtime} | {cells} | {mean:.4f} ({(mean - fp32) * 100:+.2f}) "
-                         f"| {statistics.stdev(values) * 100:.2f} |")
+    cells_of = [(algo, runtime) for algo in args.algos for runtime in RUNTIMES.values()]
+    if "nncf" in args.peers:
+        cells_of.append(("NNCF", "OpenVINO"))
+    for algo, runtime in cells_of:
+        values = [r[runtime] for r in rows if r["algo"] == algo]
+        cells = " | ".join(f"{v:.4f} ({(v - fp32) * 100:+.2f})" for v in values)
+        mean = statistics.mean(values)
+        lines.append(f"| {algo} | {runtime} | {cells} | {mean:.4f} ({(mean - fp32) * 100:+.2f}) "
+                     f"| {statistics.stdev(values) * 100:.2f} |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = Path(args.config_path).stem + (f"_{args.weight_rounding}" if args.weight_rounding else "")
+    name += "".join(f"_{peer}" for peer in args.peers)
     (out / f"calibration_draws_{name}.md").write_text(table + "\n")
     write_json(out / f"calibration_draws_{name}.json", {"fp32": fp32, "rows": rows,
                                                          "versions": package_versions(),
