@@ -22,10 +22,11 @@ from yoloquant.data import IMAGE_EXTENSIONS  # noqa: E402
 from yoloquant.evaluate import evaluate_backend, evaluate_saved  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
 from yoloquant.provenance import machine, package_versions  # noqa: E402
-from yoloquant.ptq import quantize  # noqa: E402
+from yoloquant.ptq import QDQ_ONNX, quantize  # noqa: E402
 from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
 
 RUNTIMES = {"paddle-inference(onednn-int8)": "Paddle int8", "onnxruntime": "QDQ ONNX"}
+OPENVINO = "QDQ ONNX on OpenVINO"
 
 
 def nncf_row(cfg, xml: Path, draw: int, first_image: str) -> dict:
@@ -49,6 +50,8 @@ def main() -> None:
     parser.add_argument("--peers", nargs="*", default=[], choices=["nncf"],
                         help="also quantize each draw with NNCF (OpenVINO model, head ignored, as "
                              "in bench/speed.py) and score it on OpenVINO")
+    parser.add_argument("--openvino", action="store_true",
+                        help="also score our QDQ ONNX on OpenVINO's CPU plugin")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     setup_logging()
@@ -77,10 +80,15 @@ def main() -> None:
                 cfg.PTQ.algo = algo
                 save = Path(tmp) / f"out_{d}_{algo}"
                 result = quantize(cfg, save)
-                scores = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, str(save))}
+                scores = {RUNTIMES[r.runtime]: r.map50_95 for r in evaluate_saved(cfg, str(save))}
+                if args.openvino:
+                    from bench.speed import OpenVinoBackend
+
+                    backend = OpenVinoBackend(save / QDQ_ONNX, threads=2)
+                    scores[OPENVINO] = evaluate_backend(cfg, backend).map50_95
                 rows.append({"draw": d, "first_image": files[d * size].name, "algo": algo,
                              "float_convs": len(result.summary["kept_float"]["conv_reasons"]),
-                             **{RUNTIMES[k]: v for k, v in scores.items()}})
+                             **scores})
                 print(rows[-1], flush=True)
     where = f"{source.parent.name}/{source.name}"
     lines = [f"FP32 {fp32:.4f}; {draws} disjoint draws of {size} images from {where} "
@@ -88,7 +96,8 @@ def main() -> None:
              "evaluation set, (delta to FP32 in points)", "",
              "| algo | runtime | " + " | ".join(f"draw {d}" for d in range(draws)) + " | mean | std |",
              "|---|---|" + "---|" * draws + "---|---|"]
-    cells_of = [(algo, runtime) for algo in args.algos for runtime in RUNTIMES.values()]
+    runtimes = list(RUNTIMES.values()) + ([OPENVINO] if args.openvino else [])
+    cells_of = [(algo, runtime) for algo in args.algos for runtime in runtimes]
     if "nncf" in args.peers:
         cells_of.append(("NNCF", "OpenVINO"))
     for algo, runtime in cells_of:
@@ -102,7 +111,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = Path(args.config_path).stem + (f"_{args.weight_rounding}" if args.weight_rounding else "")
-    name += "".join(f"_{peer}" for peer in args.peers)
+    name += "".join(f"_{peer}" for peer in args.peers) + ("_openvino" if args.openvino else "")
     (out / f"calibration_draws_{name}.md").write_text(table + "\n")
     write_json(out / f"calibration_draws_{name}.json", {"fp32": fp32, "rows": rows,
                                                          "versions": package_versions(),
