@@ -439,6 +439,11 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
             _add_to_param(self._scope, biases[weight], decisions.bias_shifts[weight], self._place)
         self.bias_corrected = tuple(w for w in wanted if w in biases)
 
+    def _keep_abs_max(self, var_name: str, abs_max: float) -> None:
+        """Threshold of a tensor read by no int8 kernel (not searched): its abs-max over the
+        batches so far."""
+        self._quantized_threshold[var_name] = max(abs_max, self._quantized_threshold.get(var_name, 0.0))
+
     def _sample_ptf(self):
         """One batch of 'ptf' (see the class docstring): the running mean of the per-batch
         thresholds; tensors read by no int8 kernel get the abs-max over the batches."""
@@ -458,8 +463,7 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
             measured = list(pool.map(threshold_of, self._observed()))
         for var_name, threshold, abs_max in measured:
             if threshold is None:
-                self._quantized_threshold[var_name] = max(
-                    abs_max, self._quantized_threshold.get(var_name, 0.0))
+                self._keep_abs_max(var_name, abs_max)
                 continue
             total, batches = sums.get(var_name, (0.0, 0))
             sums[var_name] = (total + threshold, batches + 1)
@@ -494,9 +498,8 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
             measured = list(pool.map(losses_of, self._observed()))
         fractions = search_candidates()
         for var_name, abs_max, losses in measured:
-            if losses is None:  # read by no int8 kernel: the abs-max over the batches
-                self._quantized_threshold[var_name] = max(
-                    abs_max, self._quantized_threshold.get(var_name, 0.0))
+            if losses is None:
+                self._keep_abs_max(var_name, abs_max)
                 continue
             best = self._best_calibration_loss.setdefault(var_name, float("inf"))
             for fraction, value in zip(fractions, losses):
@@ -588,18 +591,25 @@ def _add_to_param(scope, name: str, delta, place) -> None:
     tensor.set(value + delta.reshape(value.shape), place)
 
 
+@contextmanager
+def static_mode():
+    """Paddle static-graph mode inside the block; the caller's mode (dynamic by default in
+    paddle 2.x) is restored after it, also on error."""
+    was_dynamic = paddle.in_dynamic_mode()
+    paddle.enable_static()
+    try:
+        yield
+    finally:
+        if was_dynamic:
+            paddle.disable_static()
+
+
 def conv_bias_params(model_file: Union[str, os.PathLike], weights: Sequence[str]) -> Dict[str, str]:
     """{conv weight name: its bias parameter} in a float Paddle inference program (X2Paddle
     layout, see _conv_bias_params); convs without a bias parameter are left out. The PTQ keeps
     parameter names, so the same names hold in the quantized program."""
-    was_dynamic = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
-        with open(model_file, "rb") as f:
-            program = paddle.static.Program.parse_from_string(f.read())
-    finally:
-        if was_dynamic:
-            paddle.disable_static()
+    with static_mode(), open(model_file, "rb") as f:
+        program = paddle.static.Program.parse_from_string(f.read())
     return _conv_bias_params(program.global_block(), weights,
                              {v.name for v in program.list_vars() if v.persistable})
 
@@ -609,9 +619,7 @@ def edited_inference_model(model_file: Union[str, os.PathLike]):
     """Load a saved Paddle inference model into a fresh scope, yield (program, scope) for its
     parameters to be changed, and save it back in place when the block ends without error."""
     prefix = os.fspath(model_file)[:-len(".pdmodel")]
-    was_dynamic = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
+    with static_mode():
         scope, exe = paddle.static.Scope(), paddle.static.Executor(paddle.CPUPlace())
         with paddle.static.scope_guard(scope):
             program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
@@ -619,9 +627,6 @@ def edited_inference_model(model_file: Union[str, os.PathLike]):
             block = program.global_block()
             paddle.static.save_inference_model(prefix, [block.var(n) for n in feeds], fetches, exe,
                                                program=program)
-    finally:
-        if was_dynamic:
-            paddle.disable_static()
 
 
 def add_to_paddle_params(model_file: Union[str, os.PathLike], deltas: Dict[str, np.ndarray]) -> None:
@@ -875,9 +880,7 @@ def run_ptq(settings: PTQSettings, data_loader, model_dir: Union[str, os.PathLik
         log.info("calibration uses the loader's batch size %s (batch_size %s is ignored)",
                  loader_batch, settings.batch_size)
 
-    was_dynamic = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
+    with static_mode():
         if executor is None:
             executor = paddle.static.Executor(paddle.CPUPlace())
         scope = scope if scope is not None else paddle.static.Scope()
@@ -921,9 +924,6 @@ def run_ptq(settings: PTQSettings, data_loader, model_dir: Union[str, os.PathLik
             saved = paddle.static.Program.parse_from_string(f.read())
         weights = tuple(sorted(ptq._quantized_weight_var_name))
         quantized_ops = _quantized_ops(saved, set(weights))
-    finally:
-        if was_dynamic:
-            paddle.disable_static()
 
     scale_dict = ptq._scale_dict or {}
     return PTQResult(

@@ -21,20 +21,20 @@ Details that matter:
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
 from .errors import ModelError
+from .qdq import QMAX as WQMAX  # the weight grid insert_qdq writes: clip(round(w / s), -127, 127)
 
 log = logging.getLogger("yoloquant")
 
 MAX_PATCHES = 2048  # sampled output positions per image and conv
 DAMP = 0.01  # fraction of mean(diag(H)) added to H's diagonal
 BLOCK = 64  # columns rounded between two updates of the remaining columns
-WQMAX = 127  # weight grid of qdq.insert_qdq: clip(round(w / s), -127, 127)
 
 
 def _conv_geometry(node: onnx.NodeProto, weight_shape: tuple) -> dict:
@@ -157,8 +157,7 @@ def _symmetric(upper: np.ndarray) -> np.ndarray:
 
 
 def gptq_weights(model: onnx.ModelProto, params: Sequence, images: Sequence[np.ndarray],
-                 input_name: str, max_patches: int = MAX_PATCHES, seed: int = 0,
-                 progress: Optional[object] = None) -> dict[str, np.ndarray]:
+                 input_name: str, max_patches: int = MAX_PATCHES, seed: int = 0) -> dict[str, np.ndarray]:
     """{conv name: int8 weight (the weight's shape)} for every ConvQuantParams in `params`;
     `seed` picks the sampled patch positions."""
     inits = {i.name: i for i in model.graph.initializer}
@@ -180,6 +179,4 @@ def gptq_weights(model: onnx.ModelProto, params: Sequence, images: Sequence[np.n
                                        scale[k * per:(k + 1) * per]) for k in range(groups)])
         q[np.broadcast_to(t <= 0, (c_out,))] = 0
         out[p.node_name] = q.reshape(w.shape)
-        if progress is not None:
-            progress.update(1)
     return out

@@ -74,17 +74,14 @@ def paddle_params(model_file: Path, params_file: Path, names) -> dict[str, np.nd
     """Values of the named persistable variables of a Paddle inference model."""
     import paddle
 
-    dynamic = paddle.in_dynamic_mode()
-    paddle.enable_static()
-    try:
+    from .calibration import static_mode
+
+    with static_mode():
         scope = paddle.static.Scope()
         exe = paddle.static.Executor(paddle.CPUPlace())
         with paddle.static.scope_guard(scope):
             paddle.static.load_inference_model(str(model_file)[:-len(".pdmodel")], exe)
             return {n: np.array(scope.find_var(n).get_tensor()) for n in names}
-    finally:
-        if dynamic:  # leave the caller's mode as it was
-            paddle.disable_static()
 
 
 def _weight_key(w: np.ndarray) -> tuple:
