@@ -114,7 +114,7 @@ def input_hessians(model: onnx.ModelProto, conv_names: Sequence[str], images: Se
     network on `images`."""
     from scipy.linalg.blas import ssyrk
 
-    from .reconstruct import _session_with_outputs
+    from .reconstruct import session_with_outputs
 
     nodes = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
     inits = {i.name: i for i in model.graph.initializer}
@@ -129,7 +129,7 @@ def input_hessians(model: onnx.ModelProto, conv_names: Sequence[str], images: Se
         geometry[name] = _conv_geometry(node, tuple(inits[node.input[1]].dims))
     graph_inputs = {i.name for i in model.graph.input}
     fetch = sorted({nodes[n].input[0] for n in conv_names} - graph_inputs)
-    session = _session_with_outputs(model, fetch)
+    session = session_with_outputs(model, fetch)
     rng = np.random.default_rng(seed)
     sums: dict[str, list] = {}
     rows = dict.fromkeys(conv_names, 0)

@@ -151,21 +151,10 @@ def conv_output_ranges(onnx_model: onnx.ModelProto, conv_names: list[str],
     ONNX Runtime runs a Conv in int8 only when its output is requantized too; Paddle's PTQ
     calibrates Conv inputs, not the X2Paddle conv+bias output, so these ranges are measured here.
     """
-    import onnxruntime as ort
+    from .reconstruct import session_with_outputs
 
-    model = onnx.ModelProto()
-    model.CopyFrom(onnx_model)
-    outputs = {}
-    existing = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        if node.name in conv_names:
-            outputs[node.output[0]] = node.name
-            if node.output[0] not in existing:
-                model.graph.output.append(onnx.ValueInfoProto(name=node.output[0]))
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
+    outputs = {node.output[0]: node.name for node in onnx_model.graph.node if node.name in conv_names}
+    session = session_with_outputs(onnx_model, list(outputs))
     names = list(outputs)
     lows, highs = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for img in images:

@@ -230,7 +230,7 @@ def _shapes(model: onnx.ModelProto, names: set) -> dict[str, tuple]:
                              "exported at a fixed input size")
         feeds[i.name] = np.zeros(dims, dtype=np.float32)
     fetch = sorted(n for n in names if n not in feeds)
-    values = _session_with_outputs(model, fetch).run(fetch, feeds) if fetch else []
+    values = session_with_outputs(model, fetch).run(fetch, feeds) if fetch else []
     shapes = {k: tuple(v.shape) for k, v in zip(fetch, values)}
     shapes.update({k: v.shape for k, v in feeds.items()})
     return shapes
@@ -355,7 +355,8 @@ def _mask(unit: Unit, crop: int, pos: tuple) -> np.ndarray:
     return m
 
 
-def _session_with_outputs(model: onnx.ModelProto, names: list[str]):
+def session_with_outputs(model: onnx.ModelProto, names: list[str]):
+    """CPU ONNX Runtime session of `model` that also returns the tensors `names`."""
     import onnxruntime as ort
 
     m = onnx.ModelProto()
@@ -378,9 +379,9 @@ def collect_crops(units: list[Unit], float_model: onnx.ModelProto, images: Seque
     rng = np.random.default_rng(settings.seed)
     positions = [[_crop_positions(u, settings.crop, settings.crops_per_image, rng) for _ in images] for u in units]
     wanted = sorted({u.input for u in units if u.input != input_name})
-    sessions = [_session_with_outputs(float_model, wanted)]
+    sessions = [session_with_outputs(float_model, wanted)]
     if quant_model is not None:
-        sessions.append(_session_with_outputs(quant_model, wanted))
+        sessions.append(session_with_outputs(quant_model, wanted))
     xs = [[[] for _ in units] for _ in sessions]
     for i, img in enumerate(tqdm(images, desc="caching unit inputs", disable=not progress)):
         for s, sess in enumerate(sessions):
