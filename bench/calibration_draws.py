@@ -21,7 +21,7 @@ from yoloquant.config import PTQ_ALGOS, WEIGHT_ROUNDINGS, load_config  # noqa: E
 from yoloquant.data import IMAGE_EXTENSIONS  # noqa: E402
 from yoloquant.evaluate import evaluate_backend, evaluate_saved  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
-from yoloquant.provenance import machine, package_versions  # noqa: E402
+from yoloquant.provenance import machine, machine_line, package_versions  # noqa: E402
 from yoloquant.ptq import QDQ_ONNX, quantize  # noqa: E402
 from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
 
@@ -93,7 +93,7 @@ def main() -> None:
     where = f"{source.parent.name}/{source.name}"
     lines = [f"FP32 {fp32:.4f}; {draws} disjoint draws of {size} images from {where} "
              f"(sorted by name); weight rounding: {cfg.weight_rounding}; mAP@0.5:0.95 on the "
-             "evaluation set, (delta to FP32 in points)", "",
+             "evaluation set, (delta to FP32 in points)", machine_line(), "",
              "| algo | runtime | " + " | ".join(f"draw {d}" for d in range(draws)) + " | mean | std |",
              "|---|---|" + "---|" * draws + "---|---|"]
     runtimes = list(RUNTIMES.values()) + ([OPENVINO] if args.openvino else [])

@@ -21,7 +21,7 @@ from yoloquant.calibration import WEIGHT_QUANTIZE_TYPES  # noqa: E402
 from yoloquant.config import PTQ_ALGOS, WEIGHT_ROUNDINGS, load_config  # noqa: E402
 from yoloquant.evaluate import evaluate_backend, evaluate_saved, heldout_config  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
-from yoloquant.provenance import machine, package_versions  # noqa: E402
+from yoloquant.provenance import machine, machine_line, package_versions  # noqa: E402
 from yoloquant.ptq import quantize  # noqa: E402
 from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
 
@@ -80,7 +80,7 @@ def main() -> None:
              + (f", {heldout_fp32.map50_95:.4f} on {heldout_fp32.images} held-out train images"
                 if heldout_fp32 else "")
              + f"; calibration: {rows[0]['calibration_images']} images; weights: "
-             f"{cfg.PTQ.weight_quantize_type}, rounding: {cfg.weight_rounding}", ""]
+             f"{cfg.PTQ.weight_quantize_type}, rounding: {cfg.weight_rounding}", machine_line(), ""]
     held_head = " held-out Paddle | held-out ONNX |" if heldout_fp32 else ""
     lines += ["| algo | Paddle oneDNN int8 | QDQ ONNX (ORT) |" + held_head
               + " int8 / float convs | PTQ s | whole job s |",

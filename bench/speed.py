@@ -55,7 +55,7 @@ from yoloquant.cli import setup_logging  # noqa: E402
 from yoloquant.config import Config, load_config  # noqa: E402
 from yoloquant.errors import YoloQuantError  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
-from yoloquant.provenance import machine, package_versions, versions_of  # noqa: E402
+from yoloquant.provenance import machine, machine_line, package_versions, versions_of  # noqa: E402
 
 log = logging.getLogger("yoloquant.bench")
 
@@ -554,7 +554,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Speed: {Path(result['model']).name} ({result['config']})",
         "",
-        f"CPU {m['cpu']}, {m['cores']} cores; batch 1, {result['threads']} threads; "
+        f"{machine_line(m)}; batch 1, {result['threads']} threads; "
         f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up "
         f"(load average at the end {', '.join(f'{v:.1f}' for v in result['load_average'])}). "
         f"mAP@0.5:0.95 on the val set; calibration: {result['calibration']['images']} train images "

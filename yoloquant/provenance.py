@@ -28,17 +28,37 @@ def package_versions() -> dict:
     return {"yoloquant": __version__, "python": platform.python_version(), **versions_of(PACKAGES)}
 
 
+# CPU features that change which int8 kernels ONNX Runtime (MLAS) and oneDNN run, and so move
+# int8 results by tenths of a point between machines of the same kind.
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+
+
 def machine() -> dict:
+    """CPU model, the int8-relevant CPU flags, core count and OS, for every result we record."""
     import os
 
-    cpu = platform.processor()
+    fields: dict[str, str] = {}
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
         for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the first processor's block is enough
+            fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    # "Intel(R) Xeon(R) Processor" names several generations on VMs: family/model tells them apart
+    family_model = "/".join(fields[k] for k in ("cpu family", "model") if k in fields)
+    return {"cpu": fields.get("model name", platform.processor()), "cpu_family_model": family_model,
+            "cpu_flags": [f for f in INT8_CPU_FLAGS if f in flags],
+            "cores": os.cpu_count(), "system": platform.platform()}
+
+
+def machine_line(info: dict | None = None) -> str:
+    """One line naming the CPU and its int8 flags, for the head of a benchmark table."""
+    info = info or machine()
+    flags = ", ".join(info.get("cpu_flags") or []) or "no AVX-512/VNNI/AMX flags"
+    family_model = f", family/model {info['cpu_family_model']}" if info.get("cpu_family_model") else ""
+    return f"CPU: {info['cpu']}{family_model} ({flags}), {info['cores']} cores"
 
 
 def file_sha256(path: str | Path) -> str:
