@@ -602,3 +602,53 @@ def test_upstream_adaround_breaks_onnx_format_models_and_is_refused(fp32_model, 
         settings("avg", round_type="adaround")
     legacy = PTQSettings(algo="avg", round_type="adaround", onnx_format=False)
     assert legacy.round_type == "adaround"
+
+
+def paddle_int8_predictor(model_file):
+    """Paddle Inference on the saved int8 program, as yoloquant.runtime runs it (oneDNN int8)."""
+    from yoloquant.runtime import PaddleInferenceBackend, PaddleModelFiles
+
+    return PaddleInferenceBackend(PaddleModelFiles(model_file, model_file.with_suffix(".pdiparams")),
+                                  int8=True, threads=1)
+
+
+def test_float64_activations_stay_unquantized_so_paddle_inference_loads_the_model(tmp_path):
+    """A concat of float64 tensors between two convs (the YOLOv6-Lite export computes its anchor
+    grid in float64): upstream's PTQ gives its inputs Q/DQ pairs with float64 scales, and Paddle
+    Inference refuses the saved model; ours leaves those ops float and the model runs."""
+    from yoloquant.errors import ModelError as YoloModelError
+
+    model_dir = tmp_path / "fp32"
+    paddle.enable_static()
+    try:
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        startup.random_seed = main.random_seed = 7
+        with paddle.static.program_guard(main, startup):
+            x = paddle.static.data("image", [None, 3, 16, 16], "float32")
+            y = paddle.static.nn.conv2d(x, 4, 3, padding=1)
+            d = paddle.cast(y, "float64")
+            z = paddle.concat([d, d * 2.0], axis=1)
+            y = paddle.static.nn.conv2d(paddle.cast(z, "float32"), 4, 3, padding=1)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        with paddle.static.scope_guard(paddle.static.Scope()):
+            exe.run(startup)
+            paddle.static.save_inference_model(str(model_dir / "model"), [x], [y], exe, program=main)
+    finally:
+        paddle.disable_static()
+    images = [np.random.default_rng(i).uniform(0, 1, (3, 16, 16)).astype(np.float32) for i in range(6)]
+    batch = np.stack(images[:2])
+
+    run_upstream_ptq(model_dir, calibration_loader(images, "image", 2), tmp_path / "upstream",
+                     algo="avg")
+    with pytest.raises(YoloModelError, match="float64"):
+        paddle_int8_predictor(tmp_path / "upstream" / "model.pdmodel")
+
+    result = run_ptq(settings("avg"), calibration_loader(images, "image", 2), str(model_dir),
+                     "model.pdmodel", "model.pdiparams", str(tmp_path / "ours"))
+    assert {op.op_type for op in result.quantized_ops} == {"conv2d"}
+    out = paddle_int8_predictor(tmp_path / "ours" / "model.pdmodel")(batch)
+    reference = load_and_run(model_dir / "model.pdmodel", [], [batch])[1]
+    assert out.shape == reference.shape
+    # both convs still run in 8 bits: the output is close to float, not equal to it
+    err = np.abs(out - reference).max() / np.abs(reference).max()
+    assert 0 < err < 0.1

@@ -8,7 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 from yoloquant import assets
 from yoloquant.errors import ModelError
 from yoloquant.onnx_normalize import (describe_io, drop_unit_pool_dilations,
-                                      fill_resize_optional_inputs, fold_shape_constants, load_onnx,
+                                      fill_resize_optional_inputs, fold_constant_subgraphs,
+                                      fold_shape_constants, load_onnx,
                                       normalize, split_to_slices, sum_to_adds)
 
 NEEDS_ASSETS = pytest.mark.skipif(
@@ -129,6 +130,44 @@ def test_fold_leaves_plain_constants_alone():
     assert fill_resize_optional_inputs(maxpool_model([1, 1])) == 0
 
 
+def anchor_grid_model():
+    """YOLOv6's in-graph anchor points: a float64 grid built from constants (Expand, Unsqueeze,
+    Concat, opset-13 Squeeze with an axes input), cast to float32 and added to the prediction;
+    plus a conv whose weight is computed from constants (left as exported)."""
+    f = lambda name, v: numpy_helper.from_array(np.array(v), name)  # noqa: E731
+    nodes = [
+        helper.make_node("Constant", [], ["ys"], value=f("ys_v", np.arange(4, dtype=np.float64))),
+        helper.make_node("Constant", [], ["shape"], value=f("shape_v", np.array([3, 4], np.int64))),
+        helper.make_node("Expand", ["ys", "shape"], ["grid"]),
+        helper.make_node("Unsqueeze", ["grid", "axes"], ["grid4"]),
+        helper.make_node("Concat", ["grid4", "grid4"], ["pairs"], axis=-1),
+        helper.make_node("Squeeze", ["grid4", "axes"], ["flat_unused"]),
+        helper.make_node("Cast", ["pairs"], ["anchors"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["w_half", "two"], ["w"]),
+        helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+        helper.make_node("Reshape", ["c", "to_grid"], ["c3"]),
+        helper.make_node("Add", ["c3", "anchors"], ["y"]),
+    ]
+    inits = [f("axes", np.array([-1], np.int64)), f("two", np.array(2.0, np.float32)),
+             f("w_half", np.full((2, 1, 1, 1), 0.5, np.float32)),
+             f("to_grid", np.array([3, 4, 2], np.int64))]
+    return make_model(nodes, [vinfo("x", [1, 1, 3, 4])], [vinfo("y", 3)], inits)
+
+
+def test_constant_chains_become_initializers_and_float64_leaves_the_graph():
+    original = anchor_grid_model()
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    removed = fold_constant_subgraphs(model)
+    onnx.checker.check_model(model)
+    assert {"Expand", "Unsqueeze", "Concat", "Squeeze", "Cast"}.isdisjoint(ops(model))
+    assert removed == 7  # the grid chain (Squeeze_unused read nobody: gone too); Mul stays
+    assert "Mul" in ops(model)  # the conv weight is still computed as exported
+    assert TensorProto.DOUBLE not in {t.data_type for t in model.graph.initializer}
+    assert_same_outputs(original, model, (1, 1, 3, 4), atol=0)
+    assert fold_constant_subgraphs(model) == 0  # nothing left to fold
+
+
 def test_split_with_sizes_input_becomes_slices():
     original = split_model(opset=13)
     model, counts = normalize(original)
@@ -237,6 +276,21 @@ def test_real_models_normalize_exactly(name):
         assert counts["fill_resize_optional_inputs"] == 2
         assert counts["split_to_slices"] == 3
         assert not {"Shape", "Split"} & set(ops(model))
+
+
+@NEEDS_ASSETS
+def test_yolov6_lite_anchor_grid_is_folded_exactly():
+    """The YOLOv6-Lite export computes its anchor points in float64 from constants; folded, the
+    graph x2paddle converts has no float64 tensor and no Squeeze with an axes input (where
+    x2paddle's shape inference stopped: "Incomplete symbolic shape inference")."""
+    original = load_onnx(assets.asset("models/yolov6lite_m_320.onnx"))
+    model, counts = normalize(original)
+    assert counts["fold_constant_subgraphs"] > 0
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {vi.type.tensor_type.elem_type for vi in inferred.graph.value_info}
+    assert TensorProto.DOUBLE not in types | {t.data_type for t in model.graph.initializer}
+    assert "Squeeze" not in ops(model) and "Expand" not in ops(model)
+    assert_same_outputs(original, model, (1, 3, 320, 320), atol=0)
 
 
 def test_conv_weights_given_as_constant_nodes_become_initializers():

@@ -293,11 +293,41 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
     (numpy) instead of upstream's pure-Python `cal_kl_threshold`. Weight thresholds are still
     computed by the upstream method, unchanged.
 
+    Third upstream bug (float64 activations): AddQuantDequantPassV2 puts a Q/DQ pair on float64
+    inputs of the observed ops too (concat, elementwise_mul, ...), and its scale variable takes
+    the input's dtype. Paddle Inference then fails to load the saved model ("The type of data
+    we are trying to retrieve (float32) does not match the type of data (float64)"): seen on the
+    YOLOv6-Lite anchor grid, computed in float64. `_collect_target_varnames` here leaves the ops
+    reading non-float32 activations unquantized (no int8 kernel reads them anyway).
+
     Second upstream bug ('ptf'): `_sample_ptf` overwrites each activation threshold on every
     batch, so the model is calibrated on the last batch alone. `_sample_ptf` here applies
     upstream's per-batch rule (`ptf_threshold`) and keeps the mean over the batches, as 'avg'
     does with the batch abs-max.
     """
+
+    def _collect_target_varnames(self):
+        super()._collect_target_varnames()
+        fp32 = paddle.base.core.VarDesc.VarType.FP32
+        lod_tensor = paddle.base.core.VarDesc.VarType.LOD_TENSOR
+        others = set()
+        for block in self._program.blocks:
+            for op in block.ops:
+                inputs = [block._var_recursive(n) for n in op.input_arg_names]
+                odd = {v.name for v in inputs if not v.persistable and v.type == lod_tensor
+                       and v.dtype != fp32} & self._quantized_act_var_name
+                if odd:
+                    op._set_attr("op_namescope", "skip_quant")  # no Q/DQ on its inputs
+                    others |= odd
+        for block in self._program.blocks:  # outputs of the observed ops too
+            others |= {v.name for v in block.vars.values() if v.name in self._quantized_act_var_name
+                       and v.type == lod_tensor and v.dtype != fp32}
+        # still observed (upstream asserts every observed op output has a threshold), but left
+        # out of the scales written into the program (see _update_program)
+        self._non_fp32_activations = others
+        if others:
+            log.info("%d non-float32 activations (e.g. %s) get no Q/DQ: Paddle Inference cannot "
+                     "load float64 scales", len(others), sorted(others)[0])
 
     def _init_sampling_act_histogram(self):
         for var_name in self._searched():
@@ -403,6 +433,13 @@ class FixedPostTrainingQuantization(PostTrainingQuantization):
     def _update_program(self):
         if self.before_update is not None:
             self._apply_layer_decisions()
+        odd = getattr(self, "_non_fp32_activations", set())
+        if odd and self._scale_dict is None and self._same_scale_tensor_list is None:
+            # the scales upstream would write, minus the non-float32 tensors: without a scale
+            # AddQuantDequantForInferencePass leaves a tensor unquantized
+            thresholds = self._quantized_var_threshold if self._algo in ("KL", "hist") \
+                else self._quantized_threshold
+            self._scale_dict = {k: v for k, v in thresholds.items() if k not in odd}
         # The observer Q/DQ Paddle leaves on a float conv's input still gives its producers an
         # int8 output scale in oneDNN; removing those pairs was tried and changed nothing
         # (YOLOX-nano avg: 0.2880 either way), so they stay.

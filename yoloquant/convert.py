@@ -44,7 +44,7 @@ log = logging.getLogger("yoloquant")
 
 CACHE_ENV_VAR = "YOLOQUANT_CACHE"
 # Bump when normalize()/the entry layout changes, so stale conversions are not reused.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: fold_constant_subgraphs
 X2PADDLE_TIMEOUT_S = 1800
 _STALE_TMP_S = 3600  # a .tmp-* folder older than this belongs to a killed run
 _META = "meta.json"

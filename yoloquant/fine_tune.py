@@ -19,6 +19,7 @@ from .config import Config
 from .errors import ConfigError
 from .fileio import staging_dir, write_json
 from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, build_qdq, calibrate,
+                  check_artifacts,
                   run_summary)
 from .reconstruct import ReconSettings, reconstruct, write_paddle_weights
 
@@ -78,6 +79,8 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
         summary["reconstruction"]["paddle_weights_written"] = written
         summary["reconstruction"]["bias_corrected_convs"] = len(shifts)
         summary["reconstruction"]["paddle_to_onnx"] = dict(cal.paddle_to_onnx)
+        with cal.timer("check_artifacts"):
+            summary["artifacts_ran"] = check_artifacts(stage, cal)
         write_json(stage / SUMMARY, summary)
     rs = summary["reconstruction"]
     log.info("%s: %d units, loss %.4g -> %.4g (sum over units), %.1f%% of weights rounded the other "

@@ -14,6 +14,13 @@ re-expresses a pattern in a form x2paddle's op mapper and shape inference unders
 - ``split_to_slices``: opset >= 13 Split whose sizes come as an input. x2paddle's symbolic shape
   inference ignores that input and splits evenly (85 channels -> 3 x 28), which later breaks the
   conversion with ``KeyError: 0``; one Slice per output is the same computation.
+- ``fold_constant_subgraphs``: any other chain of ops computed from constants alone (YOLOv6's
+  anchor grid: Constant -> Expand -> Unsqueeze -> Concat -> Cast, partly in float64, and
+  opset-13 Squeeze with an axes input) is evaluated once into an initializer. x2paddle would
+  convert it into float64 Paddle ops (whose tensors Paddle's PTQ then gives float64 scales that
+  Paddle Inference cannot load) and its symbolic shape inference stops at such a Squeeze
+  ("Incomplete symbolic shape inference"). Chains that compute a Conv weight or bias are left
+  as exported (the QDQ writer matches convs by their weights).
 - ``sum_to_adds``: ``Sum`` of three or more inputs (RepVGG blocks exported before
   re-parameterisation: 3x3 + 1x1 + identity branch). x2paddle adds the first input again in
   place of every input after the second (x0 + x1 + x0); a chain of Adds is the same sum.
@@ -272,6 +279,66 @@ def fold_shape_constants(model: onnx.ModelProto) -> int:
     return before - len(graph.node)
 
 
+# A folded value above this many elements stays computed in the graph (e.g. a large
+# ConstantOfShape), so folding never bloats the model file.
+_MAX_FOLDED_ELEMENTS = 1 << 22
+_WEIGHT_READERS = {"Conv": (1, 2), "ConvTranspose": (1, 2)}
+
+
+def fold_constant_subgraphs(model: onnx.ModelProto) -> int:
+    """Replace chains of ops computed from constants alone by initializers; returns the number
+    of nodes removed. A chain is folded where a node that stays reads it; chains read as a
+    Conv weight/bias, or returned as a graph output, are left as they are."""
+    graph = model.graph
+    constant = {t.name for t in graph.initializer}
+    const_nodes: dict[str, onnx.NodeProto] = {}
+    computed: set[str] = set()  # constants produced by a node other than Constant
+    for node in graph.node:
+        ins = [n for n in node.input if n]
+        if not _is_default_domain(node) or node.op_type in _NOT_FOLDABLE or \
+                any(True for _ in _subgraphs(node)) or node.op_type in ("Shape", "Size"):
+            continue
+        if node.op_type != "Constant" and not (ins and all(n in constant for n in ins)):
+            continue
+        constant.update(node.output)
+        for out in node.output:
+            const_nodes[out] = node
+            if node.op_type != "Constant":
+                computed.add(out)
+    weight_inputs = {node.input[i] for node in graph.node
+                     for i in _WEIGHT_READERS.get(node.op_type, ()) if i < len(node.input)}
+    outputs = {vi.name for vi in graph.output}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if node.output and node.output[0] in const_nodes:
+            continue
+        for name in {n for n in node.input if n in computed}:
+            readers.setdefault(name, []).append(node)
+    frontier = sorted(n for n in readers if n not in weight_inputs and n not in outputs)
+    if not frontier:
+        return 0
+    values = _evaluate_constants(graph, const_nodes, {}, frontier, _opset(model) or 13)
+    elem_types = {vi.name: vi.type.tensor_type.elem_type for vi in _infer(model).graph.value_info}
+    names = _Names(graph)
+    before = len(graph.node)
+    for name in frontier:
+        value = values[name]
+        if value.size > _MAX_FOLDED_ELEMENTS:
+            continue
+        if elem_types.get(name):  # the evaluator could widen a dtype; keep the graph's type
+            value = value.astype(helper.tensor_dtype_to_np_dtype(elem_types[name]), copy=False)
+        folded = names(f"{name}_folded")
+        graph.initializer.append(numpy_helper.from_array(value, folded))
+        for node in readers[name]:
+            for i, n in enumerate(node.input):
+                if n == name:
+                    node.input[i] = folded
+    _remove_dead_nodes(graph, {n.output[0] for n in const_nodes.values()})
+    _remove_unused_initializers(graph, constant)
+    _drop_stale_value_info(graph)
+    return before - len(graph.node)
+
+
 def _evaluate_constants(graph, const_nodes, static, wanted, opset) -> dict[str, np.ndarray]:
     """Compute ``wanted`` from constants, with Shape/Size results substituted as Constants."""
     from onnx.reference import ReferenceEvaluator
@@ -428,6 +495,7 @@ def sum_to_adds(model: onnx.ModelProto) -> int:
 REWRITES: tuple[tuple[str, Callable[[onnx.ModelProto], int]], ...] = (
     ("drop_unit_pool_dilations", drop_unit_pool_dilations),
     ("fold_shape_constants", fold_shape_constants),
+    ("fold_constant_subgraphs", fold_constant_subgraphs),
     ("fill_resize_optional_inputs", fill_resize_optional_inputs),
     ("split_to_slices", split_to_slices),
     ("sum_to_adds", sum_to_adds),

@@ -387,6 +387,32 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
     }
 
 
+def check_artifacts(stage: Path, cal: Calibration) -> dict:
+    """Load every saved INT8 artifact in its runtime and run it once on a calibration image,
+    before the run reports success: a saved model that cannot run is a failed run (the
+    YOLOv6-Lite Paddle program once saved fine and then did not load). Returns what ran."""
+    from .runtime import PaddleInferenceBackend, PaddleModelFiles
+
+    image = cal.images[0][None]
+    expected = None
+    checked = {}
+    for name, open_artifact in (
+            (PADDLE_MODEL, lambda: PaddleInferenceBackend(PaddleModelFiles(
+                stage / PADDLE_MODEL, stage / PADDLE_PARAMS), int8=True)),
+            (QDQ_ONNX, lambda: OnnxRuntimeBackend(stage / QDQ_ONNX))):
+        try:
+            output = np.asarray(open_artifact()(image))
+        except ModelError as exc:
+            raise ModelError(f"the saved INT8 model {name} does not run, so nothing was saved: "
+                             f"{exc}") from exc
+        if not np.all(np.isfinite(output)) or (expected and output.shape != expected):
+            raise ModelError(f"the saved INT8 model {name} gives a non-finite or misshapen output "
+                             f"{list(output.shape)} on a calibration image, so nothing was saved")
+        expected = output.shape
+        checked[name] = list(output.shape)
+    return checked
+
+
 def quantize(cfg: Config, save_dir: str | Path, algo: Optional[str] = None,
              activation_type: str = "uint8") -> PostQuantResult:
     """Run the whole PTQ job and write its outputs atomically into save_dir."""
@@ -398,6 +424,8 @@ def quantize(cfg: Config, save_dir: str | Path, algo: Optional[str] = None,
         with cal.timer("onnx_export"):
             onnx.save(build_qdq(cal, skipped, activation_type), str(stage / QDQ_ONNX))
         summary = run_summary(cal, activation_type, started, "post_quant", float_nodes=skipped)
+        with cal.timer("check_artifacts"):
+            summary["artifacts_ran"] = check_artifacts(stage, cal)
         write_json(stage / SUMMARY, summary)
     log.info("saved the INT8 Paddle model, %s and %s in %s", QDQ_ONNX, SUMMARY, save_dir)
     return PostQuantResult(Path(save_dir), summary)
