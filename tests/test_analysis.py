@@ -272,7 +272,10 @@ def test_yolov5n_target_model_meets_the_target(yolov5n_runs):
     root, whole, _, _ = yolov5n_runs
     cfg = yolov5n_cfg(root / "whole")
     # the target: what keeping the analysed convs float reaches (if above all-int8), so the
-    # search has to find float layers; floored to 4 decimals as a user would write it
+    # search has to find float layers; floored to 4 decimals as a user would write it. Capped
+    # at the float model's mAP, which analysis refuses to exceed: on 5 images an int8 model
+    # can score above float, and by how much depends on the CPU's int8 kernels (an AMD EPYC
+    # gave 0.3704 against float 0.3622; a Xeon with AMX stays below float).
     cal = load_calibration(cfg, root / "whole" / CALIBRATION)
     nodes = [r["onnx_node"] for r in whole.rows]
     import onnx
@@ -280,7 +283,8 @@ def test_yolov5n_target_model_meets_the_target(yolov5n_runs):
     onnx.save(build_qdq(cal, nodes), str(root / "analysed_float.onnx"))
     reachable = evaluate_backend(cfg, OnnxRuntimeBackend(root / "analysed_float.onnx"),
                                  max_images=5).map50_95
-    target = math.floor(max(reachable, whole.reference["int8_map"]) * 1e4) / 1e4
+    target = math.floor(min(max(reachable, whole.reference["int8_map"]),
+                            whole.reference["float_map"]) * 1e4) / 1e4
     cfg = yolov5n_cfg(root / "whole", get_target_quant_model=True, target_metric=target)
     result = run_analysis(cfg, resume=True, progress=False)  # the sweep is reused, not redone
     found = result.target
