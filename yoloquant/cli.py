@@ -13,16 +13,10 @@ DEVICES = ("cpu", "gpu")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Our own handler on the 'yoloquant' logger: `import paddle` resets the root logger to
-    WARNING, which would hide every progress line if we relied on basicConfig."""
-    if any(getattr(h, "_yoloquant", False) for h in log.handlers):
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    handler._yoloquant = True
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
+    """The console and run-log handlers of the 'yoloquant' logger (yoloquant.joblog)."""
+    from . import joblog
+
+    joblog.setup(verbose)
 
 
 DEMO_CONFIG = "configs/demo.yaml"

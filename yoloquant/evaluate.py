@@ -32,8 +32,10 @@ def evaluate_backend(cfg: Config, backend, max_images: Optional[int] = None, bat
     preprocess = preprocess_for(cfg, backend.input_shape)
     dataset = val_dataset(cfg, preprocess, anno_path=anno_path, max_images=max_images)
     decoder = Decoder(cfg.output_layout, preprocess.input_size, postprocess_settings(cfg))
+    model = getattr(backend, "path", None) or getattr(getattr(backend, "files", None), "model_file", None)
+    desc = f"eval {Path(model).name} ({backend.name})" if model else f"eval {backend.name}"
     result = evaluate(backend, dataset, decoder, batch_size=batch_size, workers=cfg.workers,
-                      desc=f"eval {backend.name}")
+                      desc=desc)
     return result
 
 
