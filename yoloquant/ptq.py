@@ -173,7 +173,8 @@ class PostQuantResult:
     metrics: list = field(default_factory=list)
 
 
-def _ptq_settings(cfg: Config, algo: str):
+def _ptq_settings(cfg: Config, algo: str, skip: Optional[tuple] = None):
+    """Paddle's settings; `skip`: the Paddle weight names kept float (resolve_skip_list)."""
     from .calibration import PTQSettings
 
     p = cfg.PTQ
@@ -185,7 +186,7 @@ def _ptq_settings(cfg: Config, algo: str):
                        else p.activation_quantize_type,
                        is_full_quantize=p.is_full_quantize, onnx_format=p.onnx_format,
                        bias_correction=p.bias_correction,
-                       skip_tensor_list=tuple(cfg.skip_tensor_list) if cfg.skip_tensor_list else None)
+                       skip_tensor_list=tuple(skip) if skip else None)
 
 
 def check_skip_list(skip: Optional[list], known: list[str]) -> None:
@@ -195,8 +196,24 @@ def check_skip_list(skip: Optional[list], known: list[str]) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(known[:3])}"
-            raise ConfigError(f"skip_tensor_list names {name!r}, which is not a quantizable weight "
-                              f"of this model ({hint})")
+            raise ConfigError(f"skip_tensor_list names {name!r}, which is not a quantizable conv "
+                              f"of this model: give its Paddle weight name or its ONNX Conv node "
+                              f"name ({hint})")
+
+
+def resolve_skip_list(skip: Optional[list], paddle_to_onnx: dict) -> dict:
+    """{Paddle weight name: ONNX Conv node name} of every conv skip_tensor_list names, in its
+    order. Logs, summary.json and analysis_layers name convs both ways, so both are accepted
+    (and an ONNX name without its '/Conv' tail, as analysis.txt prints it)."""
+    to_paddle = {onnx_name: w for w, onnx_name in paddle_to_onnx.items()}
+    short = {n[:-len("/Conv")]: w for n, w in to_paddle.items() if n.endswith("/Conv")}
+    check_skip_list([n for n in skip or [] if n not in short],
+                    list(paddle_to_onnx) + list(to_paddle))
+    resolved = {}
+    for name in skip or []:
+        weight = name if name in paddle_to_onnx else to_paddle.get(name) or short[name]
+        resolved[weight] = paddle_to_onnx[weight]
+    return resolved
 
 
 @dataclass
@@ -218,6 +235,8 @@ class Calibration:
     # measured for each conv (precision.LayerSNR)
     float_reasons: dict = field(default_factory=dict)
     layer_snr: dict = field(default_factory=dict)
+    # the convs skip_tensor_list keeps float: Paddle weight name -> ONNX Conv node name
+    user_skip: dict = field(default_factory=dict)
 
     def onnx_to_paddle(self) -> dict:
         return {v: k for k, v in self.paddle_to_onnx.items()}
@@ -247,13 +266,13 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                                            verify_image=images[0][None],
                                            tolerance=cfg.verify_tolerance)
     conv_weights = _conv_weight_names(converted.model_file)
-    check_skip_list(cfg.skip_tensor_list, conv_weights)
     with timer("onnx_map"):
         onnx_model = onnx.load(cfg.model_dir)
         conv_constants_to_initializers(onnx_model)
         onnx_model = upgrade_opset(onnx_model, images[0][None], converted.onnx_input_name)
         all_to_onnx = map_convs_to_onnx(onnx_model, paddle_params(
             converted.model_file, converted.params_file, conv_weights))
+    user_skip = resolve_skip_list(cfg.skip_tensor_list, all_to_onnx)
     float_reasons, layer_snr = {}, {}
 
     def decide(thresholds: dict, ops):
@@ -287,7 +306,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
 
     with timer("ptq"):
         loader = calibration_loader(images, converted.paddle_input_name, cfg.PTQ.batch_size)
-        result = run_ptq(_ptq_settings(cfg, algo), loader, str(converted.model_dir),
+        result = run_ptq(_ptq_settings(cfg, algo, tuple(user_skip)), loader, str(converted.model_dir),
                          converted.model_file.name, converted.params_file.name, str(work_dir),
                          save_model_filename=PADDLE_MODEL, before_update=decide)
     with timer("onnx_scales"):
@@ -312,7 +331,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                                     Path(work_dir) / PADDLE_MODEL,
                                     {v: k for k, v in to_onnx.items()}, timer)
     return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,
-                       image_ids, str(calib.image_dir), timer, float_reasons, layer_snr)
+                       image_ids, str(calib.image_dir), timer, float_reasons, layer_snr, user_skip)
 
 
 def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, input_name: str,
@@ -373,7 +392,10 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "quantized": {"onnx_conv_nodes": quantized,
                       "paddle_weights": sorted(w for w, n in cal.paddle_to_onnx.items()
                                                if n in set(quantized)),
-                      "skipped_by_user": list(cfg.skip_tensor_list or [])},
+                      # skip_tensor_list as given, and each conv it names in both forms
+                      "skipped_by_user": {"as_given": list(cfg.skip_tensor_list or []),
+                                          "paddle_weights": list(cal.user_skip),
+                                          "onnx_conv_nodes": list(cal.user_skip.values())}},
         "kept_float": {"onnx_nodes": len(kept),
                        "conv_nodes": sorted(n.name for n in kept if n.op_type == "Conv"),
                        "conv_reasons": dict(sorted(cal.float_reasons.items())),
