@@ -11,7 +11,7 @@ the timings. Activation scales come from calibration (--algo).
 """
 import argparse
 
-from yoloquant.cli import add_common_flags, add_eval_flags, run_main
+from yoloquant.cli import add_common_flags, add_eval_flags, run_main, untouched
 from yoloquant.config import PTQ_ALGOS
 from yoloquant.reconstruct import RECON_LEVELS
 
@@ -52,4 +52,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    run_main(main, build_parser())
+    run_main(main, build_parser(), on_interrupt=lambda args: untouched(args.save_dir))

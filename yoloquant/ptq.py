@@ -412,17 +412,25 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
 def quantize(cfg: Config, save_dir: str | Path, algo: Optional[str] = None,
              activation_type: str = "uint8") -> PostQuantResult:
     """Run the whole PTQ job and write its outputs atomically into save_dir."""
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with staging_dir(save_dir) as stage:
-        cal = calibrate(cfg, stage, algo)
-        skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or [])
-                   if w in cal.paddle_to_onnx}
-        with cal.timer("onnx_export"):
-            onnx.save(build_qdq(cal, skipped, activation_type), str(stage / QDQ_ONNX))
-        summary = run_summary(cal, activation_type, started, "post_quant", float_nodes=skipped)
-        write_json(stage / SUMMARY, summary)
+        result = quantize_into(cfg, stage, algo, activation_type)
+    result.save_dir = Path(save_dir)
     log.info("saved the INT8 Paddle model, %s and %s in %s", QDQ_ONNX, SUMMARY, save_dir)
-    return PostQuantResult(Path(save_dir), summary)
+    return result
+
+
+def quantize_into(cfg: Config, out_dir: Path, algo: Optional[str] = None,
+                  activation_type: str = "uint8") -> PostQuantResult:
+    """The PTQ job's outputs written into out_dir (a staging folder: see quantize)."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out_dir = Path(out_dir)
+    cal = calibrate(cfg, out_dir, algo)
+    skipped = {cal.paddle_to_onnx[w] for w in cal.user_skip if w in cal.paddle_to_onnx}
+    with cal.timer("onnx_export"):
+        onnx.save(build_qdq(cal, skipped, activation_type), str(out_dir / QDQ_ONNX))
+    summary = run_summary(cal, activation_type, started, "post_quant", float_nodes=skipped)
+    write_json(out_dir / SUMMARY, summary)
+    return PostQuantResult(out_dir, summary)
 
 
 def _conv_weight_names(model_file: Path) -> list[str]:
@@ -441,6 +449,7 @@ def _conv_weight_names(model_file: Path) -> list[str]:
 def evaluate_fp32_and_saved(cfg: Config, save_dir: str, result, max_images: Optional[int]) -> list:
     """FP32 vs every int8 artifact in save_dir; metrics are added to its summary.json."""
     from .evaluate import evaluate_backend, evaluate_saved, format_table
+    from .joblog import note
 
     fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images)
     fp32.model = "FP32 " + Path(cfg.model_dir).name
@@ -448,24 +457,43 @@ def evaluate_fp32_and_saved(cfg: Config, save_dir: str, result, max_images: Opti
     result.metrics = rows
     result.summary["metrics"] = [r.as_dict() for r in rows]
     write_json(Path(save_dir) / SUMMARY, result.summary)
-    print(format_table(rows))
+    table = format_table(rows)
+    print(table)
+    note(table)
     return rows
 
 
 def post_quant_command(config_path: str, save_dir: str, algo: Optional[str] = None,
                        device: str = "cpu", evaluate: bool = False,
                        max_images: Optional[int] = None) -> PostQuantResult:
+    """The post_quant.py job: inputs checked first; save_dir appears only with every output
+    (and, with evaluate, the metrics) complete."""
     from .cli import load_job_config
+    from .joblog import staged_run
+    from .preflight import check_job
 
     cfg = load_job_config(config_path, device, algo)
-    result = quantize(cfg, save_dir)
-    if evaluate:
-        rows = evaluate_fp32_and_saved(cfg, save_dir, result, max_images)
-        fp32 = rows[0]
-        ptq_s = result.summary["seconds"].get("ptq", 0.0)
-        for r in rows[1:]:
-            print(f"INT8 {r.runtime}: mAP@0.5:0.95 {r.map50_95:.4f} "
-                  f"({(r.map50_95 - fp32.map50_95) * 100:+.2f} points vs FP32 {fp32.map50_95:.4f})")
-        print(f"PTQ ({result.summary['algorithm']}, {result.summary['calibration']['images']} "
-              f"images): {ptq_s:.1f} s")
+    check_job(cfg, evaluate=evaluate, save_dir=save_dir, eval_max_images=max_images)
+    with staged_run(save_dir) as stage:
+        result = quantize_into(cfg, stage)
+        if evaluate:
+            report_metrics(cfg, stage, result, max_images)
+    result.save_dir = Path(save_dir)
     return result
+
+
+def report_metrics(cfg: Config, out_dir: Path, result, max_images: Optional[int]) -> list:
+    """--eval: FP32 vs each INT8 artifact in out_dir, printed (and in run.log), into summary.json."""
+    from .joblog import note
+
+    rows = evaluate_fp32_and_saved(cfg, str(out_dir), result, max_images)
+    fp32 = rows[0]
+    lines = [f"INT8 {r.runtime}: mAP@0.5:0.95 {r.map50_95:.4f} "
+             f"({(r.map50_95 - fp32.map50_95) * 100:+.2f} points vs FP32 {fp32.map50_95:.4f})"
+             for r in rows[1:]]
+    ptq_s = result.summary["seconds"].get("ptq", 0.0)
+    lines.append(f"PTQ ({result.summary['algorithm']}, {result.summary['calibration']['images']} "
+                 f"images): {ptq_s:.1f} s")
+    print("\n".join(lines))
+    note("\n".join(lines))
+    return rows
