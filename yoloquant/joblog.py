@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
@@ -18,6 +19,7 @@ from .fileio import file_mode, staging_dir
 
 log = logging.getLogger("yoloquant")
 RUN_LOG = "run.log"
+_MAX_PENDING = 20000  # lines held before a job attaches its run log
 _FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
@@ -45,7 +47,8 @@ class RunLogHandler(logging.Handler):
     def __init__(self):
         super().__init__(logging.DEBUG)
         self.setFormatter(logging.Formatter(_FORMAT, "%Y-%m-%d %H:%M:%S"))
-        self._pending: list[str] = []
+        # bounded: a library user (e.g. a benchmark) may log for hours and never attach
+        self._pending: deque = deque(maxlen=_MAX_PENDING)
         self._file = None
         self.path: Optional[Path] = None
 
