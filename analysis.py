@@ -32,5 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    from yoloquant.analysis import interrupted_note
+
+    return interrupted_note(args.config_path)
+
+
 if __name__ == "__main__":
-    run_main(main, build_parser())
+    run_main(main, build_parser(), on_interrupt=interrupted)

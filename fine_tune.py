@@ -11,7 +11,7 @@ the timings. Activation scales come from calibration (--algo).
 """
 import argparse
 
-from yoloquant.cli import add_common_flags, add_eval_flags, run_main
+from yoloquant.cli import add_common_flags, add_eval_flags, run_main, untouched
 from yoloquant.config import PTQ_ALGOS
 from yoloquant.reconstruct import RECON_LEVELS
 
@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_flags(parser)
-    parser.add_argument("--save_dir", default="ptq_out", help="output folder (default: ptq_out)")
+    parser.add_argument("--save_dir", default="fine_tune_out",
+                        help="output folder (default: fine_tune_out; post_quant.py's is ptq_out)")
     parser.add_argument("--algo", default="avg", choices=PTQ_ALGOS,
                         help="calibration algorithm of the activation scales (default: avg)")
     parser.add_argument("--recon_level", default="layer-wise", choices=RECON_LEVELS,
@@ -51,4 +52,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    run_main(main, build_parser())
+    run_main(main, build_parser(), on_interrupt=lambda args: untouched(args.save_dir))

@@ -8,7 +8,7 @@ metrics). With --eval the job ends with FP32 vs INT8 mAP for each runtime.
 """
 import argparse
 
-from yoloquant.cli import add_common_flags, add_eval_flags, run_main
+from yoloquant.cli import add_common_flags, add_eval_flags, run_main, untouched
 from yoloquant.config import PTQ_ALGOS
 
 
@@ -32,4 +32,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    run_main(main, build_parser())
+    run_main(main, build_parser(), on_interrupt=lambda args: untouched(args.save_dir))

@@ -46,7 +46,7 @@ PTQ:
     assert cfg.data_path(cfg.val_anno_path) == "/abs/instances.json"  # absolute stays absolute
     assert cfg.skip_tensor_list == ["conv2d_2.w_0"]
     assert cfg.PTQ.weight_quantize_type == "abs_max" and cfg.PTQ.batch_nums == 5
-    assert cfg.PTQ.algo == "KL"  # the seed's default flag value
+    assert cfg.PTQ.algo == "avg"  # not the seed's KL: see the key's help (one default, README)
     assert cfg.get_target_quant_model is True and cfg.target_metric == 0.45
 
 

@@ -13,7 +13,7 @@ from yoloquant.assets import have_assets
 from yoloquant.config import config_from_dict, load_config
 from yoloquant.errors import ConfigError, DataError, ModelError
 from yoloquant.ptq import (QDQ_ONNX, SUMMARY, check_skip_list, map_convs_to_onnx, quantize,
-                           upgrade_opset)
+                           resolve_skip_list, upgrade_opset)
 from yoloquant.runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,6 +268,35 @@ def test_skip_list_names_closest_real_tensor():
     with pytest.raises(ConfigError, match="conv2d_12.w_0"):
         check_skip_list(["conv2d_12.w0"], ["conv2d_1.w_0", "conv2d_12.w_0"])
     check_skip_list(["conv2d_1.w_0"], ["conv2d_1.w_0"])
+
+
+def test_skip_list_takes_paddle_and_onnx_names():
+    mapping = {"conv2d_0.w_0": "/model.0/conv/Conv", "conv2d_1.w_0": "/model.24/m.2/Conv"}
+    assert resolve_skip_list(["/model.24/m.2/Conv", "conv2d_0.w_0"], mapping) == {
+        "conv2d_1.w_0": "/model.24/m.2/Conv", "conv2d_0.w_0": "/model.0/conv/Conv"}
+    assert resolve_skip_list(["/model.24/m.2"], mapping) == {"conv2d_1.w_0": "/model.24/m.2/Conv"}
+    assert resolve_skip_list(None, mapping) == {}
+    with pytest.raises(ConfigError, match="'/model.24/m.3/Conv'.*ONNX Conv node name.*closest: "
+                                          "/model.24/m.2/Conv"):
+        resolve_skip_list(["/model.24/m.3/Conv"], mapping)
+
+
+def test_skip_list_by_onnx_name_keeps_that_conv_float(tiny_setup):
+    """The tiny model's convs are named conv0, conv1, head in the ONNX graph; X2Paddle names
+    them conv2d_N.w_0. Naming a conv either way keeps it float in both artifacts, and
+    summary.json records both names."""
+    root, raw = tiny_setup
+    by_onnx = quantize(config_from_dict(dict(raw, skip_tensor_list=["conv1"])), root / "skip_onnx")
+    skipped = by_onnx.summary["quantized"]["skipped_by_user"]
+    assert skipped["as_given"] == ["conv1"] and skipped["onnx_conv_nodes"] == ["conv1"]
+    weight = skipped["paddle_weights"][0]
+    assert weight.startswith("conv2d_") and weight.endswith(".w_0")
+    assert "conv1" in by_onnx.summary["kept_float"]["conv_nodes"]
+    assert sorted(by_onnx.summary["quantized"]["onnx_conv_nodes"]) == ["conv0", "head"]
+    by_paddle = quantize(config_from_dict(dict(raw, skip_tensor_list=[weight])), root / "skip_pd")
+    assert by_paddle.summary["quantized"]["skipped_by_user"]["onnx_conv_nodes"] == ["conv1"]
+    for name in ("model.pdmodel", QDQ_ONNX):  # the same model either way
+        assert (root / "skip_onnx" / name).read_bytes() == (root / "skip_pd" / name).read_bytes()
 
 
 def test_conv_matching_is_by_weight_content(tmp_path):

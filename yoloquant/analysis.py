@@ -31,8 +31,6 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -44,9 +42,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import joblog
 from .config import Config, require, to_dict
 from .errors import ConfigError, ModelError
-from .fileio import write_json
+from .fileio import atomic_write, check_writable, temporary_dir, write_json, write_text
 from .provenance import Timer, file_sha256, machine, package_versions
 from .runtime import OnnxRuntimeBackend, default_threads
 from .validator import Decoder, postprocess_settings, preprocess_for, val_dataset
@@ -282,12 +281,13 @@ def _unplain(value):
 def save_calibration(cal, path: Path) -> None:
     """The calibration's per-conv scales, exactly (JSON floats round-trip bit for bit), and the
     ONNX graph they refer to beside them (calibrate may have upgraded the file's opset)."""
-    _atomic_write(path.with_name(CALIBRATED_MODEL), lambda tmp: onnx.save(cal.onnx_model, tmp))
+    atomic_write(path.with_name(CALIBRATED_MODEL), lambda tmp: onnx.save(cal.onnx_model, tmp))
     params = [{f.name: _plain(getattr(p, f.name)) for f in dataclasses.fields(p)}
               for p in cal.conv_params]
     write_json(path, {"algo": cal.algo, "image_dir": cal.image_dir,
                       "image_ids": [_plain(i) for i in cal.image_ids],
-                      "paddle_to_onnx": cal.paddle_to_onnx, "conv_params": params})
+                      "paddle_to_onnx": cal.paddle_to_onnx, "conv_params": params,
+                      "user_skip": cal.user_skip})
 
 
 def load_calibration(cfg: Config, path: Path):
@@ -308,7 +308,7 @@ def load_calibration(cfg: Config, path: Path):
                           "without --resume to start over") from exc
     return Calibration(cfg, data["algo"], None, None, model, params,
                        dict(data["paddle_to_onnx"]), [], data["image_ids"], data["image_dir"],
-                       Timer())
+                       Timer(), user_skip=dict(data.get("user_skip", {})))
 
 
 def _fingerprint(cfg: Config, model_sha: str, image_ids: list) -> dict:
@@ -490,24 +490,6 @@ def trust_note(rho: dict) -> str:
 
 
 # ---- outputs ------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Let write(tmp_path) produce the file, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these are ordinary result files
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
 def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
@@ -516,7 +498,7 @@ def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerow({k: ("" if row.get(k) is None else
                              (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
                          for k in columns})
-    _write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue())
 
 
 RANK_COLUMNS = ["rank", "paddle_weight", "onnx_node", "sensitivity", "map_quant_only",
@@ -600,7 +582,7 @@ def _save_figure(fig, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def plot_rank(rows: list[dict], reference: dict, meta: dict, path: Path) -> None:
@@ -738,7 +720,7 @@ def _resolve_layers(cfg: Config, cal) -> list[str]:
     for name in cfg.analysis_layers:
         node = to_onnx.get(name, name)
         if node not in order:
-            if name in (cfg.skip_tensor_list or []):
+            if name in cal.user_skip or name in cal.user_skip.values():
                 raise ConfigError(f"analysis_layers names {name!r}, which skip_tensor_list keeps "
                                   "float: remove it from one of the two lists")
             close = difflib.get_close_matches(name, known, n=3)
@@ -782,10 +764,9 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
     timer = Timer()
     started = time.perf_counter()
     save = Path(cfg.save_dir)
-    try:
-        save.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"save_dir {save} is not writable: {exc}") from exc
+    check_writable(save)  # created with the first result (the calibration), not before
+    if save.is_dir():
+        joblog.attach(save / joblog.RUN_LOG)
     probe = OnnxRuntimeBackend(cfg.model_dir, threads=threads)
     with timer("load_images"):
         images = load_eval_images(cfg, probe.input_shape)
@@ -811,12 +792,13 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
             log.info("--resume: no checkpoint in %s yet, starting from the beginning", save)
         elif (save / CHECKPOINT).is_file():
             log.info("starting over (pass --resume to continue the checkpoint in %s)", save)
-        with tempfile.TemporaryDirectory(prefix="yoloquant-analysis-") as work, timer("calibrate"):
+        with temporary_dir("yoloquant-analysis.") as work, timer("calibrate"):
             # once: every variant below reuses these scales. post_quant's automatic float
             # choices are off: this tool measures every conv and makes that choice itself.
             cal = calibrate(dataclasses.replace(cfg, min_layer_snr_db=None,
                                                 keep_regression_float=False), work)
         save_calibration(cal, save / CALIBRATION)
+        joblog.attach(save / joblog.RUN_LOG)
 
     heads = head_tensors(cal.onnx_model)
     # two variants at a time, each on half the cores: forward passes overlap NMS and COCOeval
@@ -851,9 +833,7 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
 
 def _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, timer, started,
                       stop_after, progress, threads) -> AnalysisResult:
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
+    from .progress import Progress
     from .ptq import build_qdq
 
     save = Path(cfg.save_dir)
@@ -865,9 +845,9 @@ def _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, tim
         todo = todo[:stop_after]
     names = cal.onnx_to_paddle()
     sweep_start = time.perf_counter()
-    with logging_redirect_tqdm(), tqdm(total=len(layers), initial=len(results),
-                                       desc="sensitivity", unit="layer",
-                                       disable=None if progress else True) as bar, \
+    # no periodic progress lines: every layer logs its own line with the time left
+    with Progress(len(layers), "sensitivity", "layers", enabled=progress,
+                  initial=len(results), lines=False) as bar, \
             ThreadPoolExecutor(PARALLEL_VARIANTS, thread_name_prefix="yoloquant-variant") as pool:
         for count, node in enumerate(todo, 1):
             t0 = time.perf_counter()
@@ -931,7 +911,7 @@ def _write_outputs(cfg, cal, result: AnalysisResult, stats: dict, meta: dict,
         "layers": [{**r, "statistics": stats[r["onnx_node"]]} for r in rows],
         "target": target, "seconds": result.seconds,
         "versions": package_versions(), "machine": machine()})
-    _write_text(save / RANK_TXT, format_report(rows, result.reference, result.spearman, meta,
+    write_text(save / RANK_TXT, format_report(rows, result.reference, result.spearman, meta,
                                                target))
     if figures:
         plot_rank(rows, result.reference, meta, save / RANK_PNG)
@@ -1011,7 +991,7 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
                f"skip_tensor_list: {json.dumps(skip)}\n"
                "# the convs analysis.py measured were chosen with the automatic float choices off:\n"
                "min_layer_snr_db: null\nkeep_regression_float: false\n")
-    _write_text(Path(cfg.save_dir) / SKIP_YAML, snippet)
+    write_text(Path(cfg.save_dir) / SKIP_YAML, snippet)
     if not found["met"]:
         log.warning("no model met target_metric %.4f; the saved one keeps every analysed conv "
                     "float", target)
@@ -1021,13 +1001,37 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
 
 def analysis_command(config_path: str, device: str = "cpu", resume: bool = False) -> AnalysisResult:
     from .cli import load_job_config
+    from .preflight import check_job
 
+    cfg = load_job_config(config_path, device)
+    require(cfg, "save_dir")
+    check_job(cfg, evaluate=True, save_dir=cfg.save_dir, eval_anno=cfg.fast_val_anno_path,
+              eval_max_images=cfg.analysis_max_images)
     root = logging.getLogger()
     level = root.level
     import paddle  # noqa: F401 - importing paddle sets the root logger to WARNING: undo that,
     root.setLevel(level)  # or the per-layer progress lines of a long run are never shown
-    cfg = load_job_config(config_path, device)
-    result = run_analysis(cfg, resume=resume)
+    try:
+        result = run_analysis(cfg, resume=resume)
+        _print_outputs(cfg, result)
+    finally:
+        joblog.detach()
+    return result
+
+
+def interrupted_note(config_path: str) -> str:
+    """analysis.py's Ctrl-C line: what a rerun can continue from."""
+    from .config import load_config
+
+    save = Path(load_config(config_path).save_dir or "")
+    if (save / CHECKPOINT).is_file():
+        done = len(json.loads((save / CHECKPOINT).read_text()).get("results", {}))
+        return (f"interrupted; {save / CHECKPOINT} keeps the {done} layer(s) finished: run again "
+                "with --resume to continue")
+    return f"interrupted; nothing to resume in {save} yet"
+
+
+def _print_outputs(cfg: Config, result: AnalysisResult) -> None:
     save = result.save_dir
     print((save / RANK_TXT).read_text())
     if result.target:
@@ -1035,5 +1039,4 @@ def analysis_command(config_path: str, device: str = "cpu", resume: bool = False
     print(f"outputs in {save}: {RANK_TXT}, {RANK_CSV}, {RANK_JSON}, {STAT_CSV}, {RANK_PNG}"
           + (f", {HIST_PNG}" if cfg.plot_hist else "")
           + (f", {PROXY_PNG}" if not cfg.analysis_proxy_only else "")
-          + (f", {SKIP_YAML}, {TARGET_DIR}/" if result.target else ""))
-    return result
+          + (f", {SKIP_YAML}, {TARGET_DIR}/" if result.target else "") + f", {joblog.RUN_LOG}")

@@ -32,6 +32,7 @@ from paddle.static.quantization import PostTrainingQuantization
 from paddle.static.quantization.quant_config import SUPPORT_QUANTIZATION_OP_DICT
 
 from .errors import ConfigError, ModelError
+from .paddle_output import canonicalize_program_file, fresh_names, quiet_ptq
 from .paddle_speedups import faster_ir_graph
 
 log = logging.getLogger("yoloquant")
@@ -662,8 +663,10 @@ def edited_inference_model(model_file: Union[str, os.PathLike]):
             program, feeds, fetches = paddle.static.load_inference_model(prefix, exe)
             yield program, scope
             block = program.global_block()
-            paddle.static.save_inference_model(prefix, [block.var(n) for n in feeds], fetches, exe,
-                                               program=program)
+            with fresh_names():
+                paddle.static.save_inference_model(prefix, [block.var(n) for n in feeds], fetches,
+                                                   exe, program=program)
+    canonicalize_program_file(model_file)
 
 
 def add_to_paddle_params(model_file: Union[str, os.PathLike], deltas: Dict[str, np.ndarray]) -> None:
@@ -949,13 +952,16 @@ def run_ptq(settings: PTQSettings, data_loader, model_dir: Union[str, os.PathLik
                 deploy_backend=settings.deploy_backend,
             )
             ptq.before_update = before_update
-            ptq.quantize()
-            ptq.save_quantized_model(save_dir, model_filename=save_model_filename)
+            with quiet_ptq():
+                ptq.quantize()
+                with fresh_names():
+                    ptq.save_quantized_model(save_dir, model_filename=save_model_filename)
         # same naming rule as save_quantized_model
         stem = save_model_filename[:-len(".pdmodel")] \
             if save_model_filename.endswith(".pdmodel") else save_model_filename
         model_path = os.path.join(save_dir, stem + ".pdmodel")
         params_path = os.path.join(save_dir, stem + ".pdiparams")
+        canonicalize_program_file(model_path)  # identical runs, identical bytes
         # read the ops back from disk: the in-memory program still holds ops the save pruned
         with open(model_path, "rb") as f:
             saved = paddle.static.Program.parse_from_string(f.read())

@@ -13,16 +13,10 @@ DEVICES = ("cpu", "gpu")
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Our own handler on the 'yoloquant' logger: `import paddle` resets the root logger to
-    WARNING, which would hide every progress line if we relied on basicConfig."""
-    if any(getattr(h, "_yoloquant", False) for h in log.handlers):
-        return
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    handler._yoloquant = True
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG if verbose else logging.INFO)
-    log.propagate = False
+    """The console and run-log handlers of the 'yoloquant' logger (yoloquant.joblog)."""
+    from . import joblog
+
+    joblog.setup(verbose)
 
 
 DEMO_CONFIG = "configs/demo.yaml"
@@ -70,8 +64,15 @@ def load_job_config(config_path: str, device: str = "cpu", algo: Optional[str] =
     return cfg
 
 
-def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser) -> None:
-    """Parse flags, run, and turn user errors into one clear line and exit code 2."""
+def untouched(save_dir) -> str:
+    """The Ctrl-C message of a job that stages its outputs (yoloquant.fileio.staging_dir)."""
+    return f"interrupted; {save_dir} untouched"
+
+
+def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser,
+             on_interrupt: Optional[Callable[[argparse.Namespace], str]] = None) -> None:
+    """Parse flags, run, and turn user errors into one clear line and exit code 2, Ctrl-C into
+    one line (`on_interrupt(args)`: what became of the outputs) and exit code 130."""
     args = parser.parse_args()
     setup_logging(getattr(args, "verbose", False))
     try:
@@ -79,4 +80,11 @@ def run_main(main: Callable[[argparse.Namespace], int], parser: argparse.Argumen
     except YoloQuantError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        try:
+            message = on_interrupt(args) if on_interrupt else "interrupted"
+        except Exception:  # noqa: BLE001 - the interrupt is what the user must hear about
+            message = "interrupted"
+        print(f"\n{message}", file=sys.stderr)
+        sys.exit(130)
     sys.exit(code or 0)

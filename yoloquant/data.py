@@ -19,9 +19,9 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from .errors import DataError
+from .progress import Progress
 from .preprocess import LetterboxInfo, Preprocess, letterbox
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -245,8 +245,7 @@ def iterate_batches(
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     n = len(dataset)
-    # disable=None lets tqdm turn itself off when stderr is not a terminal
-    bar = tqdm(total=n, desc=desc, unit="img", disable=None if progress else True)
+    bar = Progress(n, desc, "img", enabled=progress)  # a bar on a terminal, log lines anyway
 
     def make_batch(samples: List[Sample]) -> Batch:
         return Batch(

@@ -32,8 +32,10 @@ def evaluate_backend(cfg: Config, backend, max_images: Optional[int] = None, bat
     preprocess = preprocess_for(cfg, backend.input_shape)
     dataset = val_dataset(cfg, preprocess, anno_path=anno_path, max_images=max_images)
     decoder = Decoder(cfg.output_layout, preprocess.input_size, postprocess_settings(cfg))
+    model = getattr(backend, "path", None) or getattr(getattr(backend, "files", None), "model_file", None)
+    desc = f"eval {Path(model).name} ({backend.name})" if model else f"eval {backend.name}"
     result = evaluate(backend, dataset, decoder, batch_size=batch_size, workers=cfg.workers,
-                      desc=f"eval {backend.name}")
+                      desc=desc)
     return result
 
 
@@ -52,6 +54,7 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
     from .cli import load_job_config
 
     cfg = load_job_config(config_path, device)
+    _check_inputs(cfg, model, max_images)
     results: list[EvalResult] = []
     if model is not None:
         if runtime is not None:
@@ -90,6 +93,20 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
     last = results[-1]
     print(f"mAP@0.5:0.95 = {last.map50_95:.4f}   mAP@0.5 = {last.map50:.4f}   ({last.runtime})")
     return results
+
+
+def _check_inputs(cfg: Config, model: Optional[str], max_images: Optional[int]) -> None:
+    """Before any model runs: the ONNX model is a detector of cfg.arch and the val set loads
+    (a Paddle model folder is checked when Paddle loads it)."""
+    from .preflight import check_eval_images, check_job, check_model
+    from .validator import preprocess_for
+
+    if model is None:
+        check_job(cfg, calibrate=False, evaluate=True, eval_max_images=max_images)
+    elif Path(model).suffix == ".onnx" or Path(model).is_file():
+        facts = check_model(model, cfg.arch, cfg.output_layout)
+        shape = tuple(d if d > 0 else None for d in facts.input_shape)
+        check_eval_images(cfg, preprocess_for(cfg, shape), max_images=max_images)
 
 
 def evaluate_saved(cfg: Config, save_dir: str, max_images: Optional[int] = None,

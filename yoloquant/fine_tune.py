@@ -14,14 +14,12 @@ from typing import Optional
 
 import onnx
 
-from .calibration import add_to_paddle_params
 from .config import Config
 from .errors import ConfigError
 from .fileio import staging_dir, write_json
 from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, build_qdq, calibrate,
-                  check_artifacts,
-                  run_summary)
-from .reconstruct import ReconSettings, reconstruct, write_paddle_weights
+                  check_artifacts, run_summary)
+from .reconstruct import ReconSettings
 
 log = logging.getLogger("yoloquant")
 
@@ -48,46 +46,58 @@ def recon_cache_dir(cfg: Config) -> Path:
 def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: Optional[str] = None,
               activation_type: str = "uint8", progress: bool = True) -> PostQuantResult:
     """Calibrate, learn the rounding, write the int8 models and summary atomically into save_dir."""
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with staging_dir(save_dir) as stage:
-        # The learned rounding replaces GPTQ's, so calibrate with round-to-nearest weights.
-        # Bias correction is measured after the rounding is learned (below): shifts measured
-        # for round-to-nearest weights would not fit the learned ones.
-        cal = calibrate(dataclasses.replace(cfg, conv_bias_correction=False,
-                                            weight_rounding="nearest"), stage, algo)
-        skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or []) if w in cal.paddle_to_onnx}
-        quant_model = build_qdq(cal, skipped, activation_type) if settings.input_source == "quantized" else None
-        with cal.timer("reconstruction"):
-            result = reconstruct(cal.onnx_model, cal.conv_params, cal.images, cal.converted.onnx_input_name,
-                                 settings, float_nodes=skipped, quant_model=quant_model,
-                                 cache_dir=recon_cache_dir(cfg), progress=progress)
-        cal.conv_params = result.conv_params
-        shifts = {}
-        if cfg.conv_bias_correction:
-            with cal.timer("bias_correction"):
-                shifts = correct_biases_after_reconstruction(cal, skipped)
-        with cal.timer("onnx_export"):
-            onnx.save(build_qdq(cal, skipped, activation_type), str(stage / QDQ_ONNX))
-        with cal.timer("paddle_export"):
-            to_paddle = cal.onnx_to_paddle()
-            written = write_paddle_weights(stage / PADDLE_MODEL,
-                                           {to_paddle[name]: q for name, q in result.ints.items()})
-            if shifts:
-                add_to_paddle_params(stage / PADDLE_MODEL, shifts)
-        summary = run_summary(cal, activation_type, started, "fine_tune", float_nodes=skipped)
-        summary["reconstruction"] = result.summary(settings)
-        summary["reconstruction"]["paddle_weights_written"] = written
-        summary["reconstruction"]["bias_corrected_convs"] = len(shifts)
-        summary["reconstruction"]["paddle_to_onnx"] = dict(cal.paddle_to_onnx)
-        with cal.timer("check_artifacts"):
-            summary["artifacts_ran"] = check_artifacts(stage, cal)
-        write_json(stage / SUMMARY, summary)
+        result = fine_tune_into(cfg, stage, settings, algo, activation_type, progress)
+    result.save_dir = Path(save_dir)
+    log.info("saved in %s", save_dir)
+    return result
+
+
+def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Optional[str] = None,
+                   activation_type: str = "uint8", progress: bool = True) -> PostQuantResult:
+    """fine_tune's outputs written into out_dir (a staging folder: see fine_tune)."""
+    from .calibration import add_to_paddle_params
+    from .reconstruct import reconstruct, write_paddle_weights
+
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out_dir = Path(out_dir)
+    # The learned rounding replaces GPTQ's, so calibrate with round-to-nearest weights.
+    # Bias correction is measured after the rounding is learned (below): shifts measured
+    # for round-to-nearest weights would not fit the learned ones.
+    cal = calibrate(dataclasses.replace(cfg, conv_bias_correction=False,
+                                        weight_rounding="nearest"), out_dir, algo)
+    skipped = {cal.paddle_to_onnx[w] for w in cal.user_skip if w in cal.paddle_to_onnx}
+    quant_model = build_qdq(cal, skipped, activation_type) if settings.input_source == "quantized" else None
+    with cal.timer("reconstruction"):
+        result = reconstruct(cal.onnx_model, cal.conv_params, cal.images, cal.converted.onnx_input_name,
+                             settings, float_nodes=skipped, quant_model=quant_model,
+                             cache_dir=recon_cache_dir(cfg), progress=progress)
+    cal.conv_params = result.conv_params
+    shifts = {}
+    if cfg.conv_bias_correction:
+        with cal.timer("bias_correction"):
+            shifts = correct_biases_after_reconstruction(cal, skipped)
+    with cal.timer("onnx_export"):
+        onnx.save(build_qdq(cal, skipped, activation_type), str(out_dir / QDQ_ONNX))
+    with cal.timer("paddle_export"):
+        to_paddle = cal.onnx_to_paddle()
+        written = write_paddle_weights(out_dir / PADDLE_MODEL,
+                                       {to_paddle[name]: q for name, q in result.ints.items()})
+        if shifts:
+            add_to_paddle_params(out_dir / PADDLE_MODEL, shifts)
+    summary = run_summary(cal, activation_type, started, "fine_tune", float_nodes=skipped)
+    summary["reconstruction"] = result.summary(settings)
+    summary["reconstruction"]["paddle_weights_written"] = written
+    summary["reconstruction"]["bias_corrected_convs"] = len(shifts)
+    summary["reconstruction"]["paddle_to_onnx"] = dict(cal.paddle_to_onnx)
+    with cal.timer("check_artifacts"):
+        summary["artifacts_ran"] = check_artifacts(out_dir, cal)
+    write_json(out_dir / SUMMARY, summary)
     rs = summary["reconstruction"]
     log.info("%s: %d units, loss %.4g -> %.4g (sum over units), %.1f%% of weights rounded the other "
-             "way, %.0f s; saved in %s", settings.recon_level, rs["units"], rs["loss_before_total"],
-             rs["loss_after_total"], 100 * rs["changed_fraction"], cal.timer.seconds.get("reconstruction", 0),
-             save_dir)
-    return PostQuantResult(Path(save_dir), summary)
+             "way, %.0f s", settings.recon_level, rs["units"], rs["loss_before_total"],
+             rs["loss_after_total"], 100 * rs["changed_fraction"], cal.timer.seconds.get("reconstruction", 0))
+    return PostQuantResult(out_dir, summary)
 
 
 def correct_biases_after_reconstruction(cal, float_nodes) -> dict:
@@ -114,21 +124,30 @@ def fine_tune_command(config_path: str, save_dir: str, algo: Optional[str] = Non
                       recon_level: str = "layer-wise", simulate_activation_quant: bool = False,
                       epochs: int = 25, lr: float = 0.01, limit: int = 6, evaluate: bool = False,
                       max_images: Optional[int] = None) -> PostQuantResult:
+    """The fine_tune.py job: inputs checked before Paddle is imported; save_dir appears only
+    with every output (and, with evaluate, the metrics) complete."""
     from .cli import load_job_config
+    from .joblog import note, staged_run
+    from .preflight import check_job
 
     cfg = load_job_config(config_path, device, algo)
     settings = settings_from(cfg, recon_level, simulate_activation_quant, epochs, lr, limit)
-    result = fine_tune(cfg, save_dir, settings)
-    if evaluate:
-        from .ptq import evaluate_fp32_and_saved
+    check_job(cfg, evaluate=evaluate, save_dir=save_dir, eval_max_images=max_images)
+    with staged_run(save_dir) as stage:
+        result = fine_tune_into(cfg, stage, settings)
+        if evaluate:
+            from .ptq import evaluate_fp32_and_saved
 
-        evaluate_fp32_and_saved(cfg, save_dir, result, max_images)
-    rs = result.summary["reconstruction"]
-    print(f"{recon_level} ({'QDrop p=%g' % settings.drop_prob if simulate_activation_quant else 'weights only'}): "
-          f"{rs['units']} {'regions' if recon_level == 'region-wise' else 'layers'} "
-          f"({rs['convs_learned']} convs), reconstruction loss {rs['loss_before_total']:.4g} -> {rs['loss_after_total']:.4g}, "
-          f"{100 * rs['changed_fraction']:.1f}% of weights re-rounded, "
-          f"{result.summary['seconds'].get('reconstruction', 0):.0f} s")
+            evaluate_fp32_and_saved(cfg, str(stage), result, max_images)
+        rs = result.summary["reconstruction"]
+        line = (f"{recon_level} ({'QDrop p=%g' % settings.drop_prob if simulate_activation_quant else 'weights only'}): "
+                f"{rs['units']} {'regions' if recon_level == 'region-wise' else 'layers'} "
+                f"({rs['convs_learned']} convs), reconstruction loss {rs['loss_before_total']:.4g} -> "
+                f"{rs['loss_after_total']:.4g}, {100 * rs['changed_fraction']:.1f}% of weights re-rounded, "
+                f"{result.summary['seconds'].get('reconstruction', 0):.0f} s")
+        print(line)
+        note(line)
+    result.save_dir = Path(save_dir)
     return result
 
 

@@ -173,7 +173,8 @@ class PostQuantResult:
     metrics: list = field(default_factory=list)
 
 
-def _ptq_settings(cfg: Config, algo: str):
+def _ptq_settings(cfg: Config, algo: str, skip: Optional[tuple] = None):
+    """Paddle's settings; `skip`: the Paddle weight names kept float (resolve_skip_list)."""
     from .calibration import PTQSettings
 
     p = cfg.PTQ
@@ -185,7 +186,7 @@ def _ptq_settings(cfg: Config, algo: str):
                        else p.activation_quantize_type,
                        is_full_quantize=p.is_full_quantize, onnx_format=p.onnx_format,
                        bias_correction=p.bias_correction,
-                       skip_tensor_list=tuple(cfg.skip_tensor_list) if cfg.skip_tensor_list else None)
+                       skip_tensor_list=tuple(skip) if skip else None)
 
 
 def check_skip_list(skip: Optional[list], known: list[str]) -> None:
@@ -195,8 +196,24 @@ def check_skip_list(skip: Optional[list], known: list[str]) -> None:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"closest: {', '.join(close)}" if close else f"e.g. {', '.join(known[:3])}"
-            raise ConfigError(f"skip_tensor_list names {name!r}, which is not a quantizable weight "
-                              f"of this model ({hint})")
+            raise ConfigError(f"skip_tensor_list names {name!r}, which is not a quantizable conv "
+                              f"of this model: give its Paddle weight name or its ONNX Conv node "
+                              f"name ({hint})")
+
+
+def resolve_skip_list(skip: Optional[list], paddle_to_onnx: dict) -> dict:
+    """{Paddle weight name: ONNX Conv node name} of every conv skip_tensor_list names, in its
+    order. Logs, summary.json and analysis_layers name convs both ways, so both are accepted
+    (and an ONNX name without its '/Conv' tail, as analysis.txt prints it)."""
+    to_paddle = {onnx_name: w for w, onnx_name in paddle_to_onnx.items()}
+    short = {n[:-len("/Conv")]: w for n, w in to_paddle.items() if n.endswith("/Conv")}
+    check_skip_list([n for n in skip or [] if n not in short],
+                    list(paddle_to_onnx) + list(to_paddle))
+    resolved = {}
+    for name in skip or []:
+        weight = name if name in paddle_to_onnx else to_paddle.get(name) or short[name]
+        resolved[weight] = paddle_to_onnx[weight]
+    return resolved
 
 
 @dataclass
@@ -218,6 +235,8 @@ class Calibration:
     # measured for each conv (precision.LayerSNR)
     float_reasons: dict = field(default_factory=dict)
     layer_snr: dict = field(default_factory=dict)
+    # the convs skip_tensor_list keeps float: Paddle weight name -> ONNX Conv node name
+    user_skip: dict = field(default_factory=dict)
 
     def onnx_to_paddle(self) -> dict:
         return {v: k for k, v in self.paddle_to_onnx.items()}
@@ -247,13 +266,13 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                                            verify_image=images[0][None],
                                            tolerance=cfg.verify_tolerance)
     conv_weights = _conv_weight_names(converted.model_file)
-    check_skip_list(cfg.skip_tensor_list, conv_weights)
     with timer("onnx_map"):
         onnx_model = onnx.load(cfg.model_dir)
         conv_constants_to_initializers(onnx_model)
         onnx_model = upgrade_opset(onnx_model, images[0][None], converted.onnx_input_name)
         all_to_onnx = map_convs_to_onnx(onnx_model, paddle_params(
             converted.model_file, converted.params_file, conv_weights))
+    user_skip = resolve_skip_list(cfg.skip_tensor_list, all_to_onnx)
     float_reasons, layer_snr = {}, {}
 
     def decide(thresholds: dict, ops):
@@ -287,7 +306,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
 
     with timer("ptq"):
         loader = calibration_loader(images, converted.paddle_input_name, cfg.PTQ.batch_size)
-        result = run_ptq(_ptq_settings(cfg, algo), loader, str(converted.model_dir),
+        result = run_ptq(_ptq_settings(cfg, algo, tuple(user_skip)), loader, str(converted.model_dir),
                          converted.model_file.name, converted.params_file.name, str(work_dir),
                          save_model_filename=PADDLE_MODEL, before_update=decide)
     with timer("onnx_scales"):
@@ -312,7 +331,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                                     Path(work_dir) / PADDLE_MODEL,
                                     {v: k for k, v in to_onnx.items()}, timer)
     return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,
-                       image_ids, str(calib.image_dir), timer, float_reasons, layer_snr)
+                       image_ids, str(calib.image_dir), timer, float_reasons, layer_snr, user_skip)
 
 
 def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, input_name: str,
@@ -373,7 +392,10 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "quantized": {"onnx_conv_nodes": quantized,
                       "paddle_weights": sorted(w for w, n in cal.paddle_to_onnx.items()
                                                if n in set(quantized)),
-                      "skipped_by_user": list(cfg.skip_tensor_list or [])},
+                      # skip_tensor_list as given, and each conv it names in both forms
+                      "skipped_by_user": {"as_given": list(cfg.skip_tensor_list or []),
+                                          "paddle_weights": list(cal.user_skip),
+                                          "onnx_conv_nodes": list(cal.user_skip.values())}},
         "kept_float": {"onnx_nodes": len(kept),
                        "conv_nodes": sorted(n.name for n in kept if n.op_type == "Conv"),
                        "conv_reasons": dict(sorted(cal.float_reasons.items())),
@@ -387,7 +409,7 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
     }
 
 
-def check_artifacts(stage: Path, cal: Calibration) -> dict:
+def check_artifacts(out_dir: Path, cal: Calibration) -> dict:
     """Load every saved INT8 artifact in its runtime and run it once on a calibration image,
     before the run reports success: a saved model that cannot run is a failed run (the
     YOLOv6-Lite Paddle program once saved fine and then did not load). Returns what ran."""
@@ -398,8 +420,8 @@ def check_artifacts(stage: Path, cal: Calibration) -> dict:
     checked = {}
     for name, open_artifact in (
             (PADDLE_MODEL, lambda: PaddleInferenceBackend(PaddleModelFiles(
-                stage / PADDLE_MODEL, stage / PADDLE_PARAMS), int8=True)),
-            (QDQ_ONNX, lambda: OnnxRuntimeBackend(stage / QDQ_ONNX))):
+                out_dir / PADDLE_MODEL, out_dir / PADDLE_PARAMS), int8=True)),
+            (QDQ_ONNX, lambda: OnnxRuntimeBackend(out_dir / QDQ_ONNX))):
         try:
             output = np.asarray(open_artifact()(image))
         except ModelError as exc:
@@ -416,19 +438,27 @@ def check_artifacts(stage: Path, cal: Calibration) -> dict:
 def quantize(cfg: Config, save_dir: str | Path, algo: Optional[str] = None,
              activation_type: str = "uint8") -> PostQuantResult:
     """Run the whole PTQ job and write its outputs atomically into save_dir."""
-    started = time.strftime("%Y-%m-%dT%H:%M:%S")
     with staging_dir(save_dir) as stage:
-        cal = calibrate(cfg, stage, algo)
-        skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or [])
-                   if w in cal.paddle_to_onnx}
-        with cal.timer("onnx_export"):
-            onnx.save(build_qdq(cal, skipped, activation_type), str(stage / QDQ_ONNX))
-        summary = run_summary(cal, activation_type, started, "post_quant", float_nodes=skipped)
-        with cal.timer("check_artifacts"):
-            summary["artifacts_ran"] = check_artifacts(stage, cal)
-        write_json(stage / SUMMARY, summary)
+        result = quantize_into(cfg, stage, algo, activation_type)
+    result.save_dir = Path(save_dir)
     log.info("saved the INT8 Paddle model, %s and %s in %s", QDQ_ONNX, SUMMARY, save_dir)
-    return PostQuantResult(Path(save_dir), summary)
+    return result
+
+
+def quantize_into(cfg: Config, out_dir: Path, algo: Optional[str] = None,
+                  activation_type: str = "uint8") -> PostQuantResult:
+    """The PTQ job's outputs written into out_dir (a staging folder: see quantize)."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%S")
+    out_dir = Path(out_dir)
+    cal = calibrate(cfg, out_dir, algo)
+    skipped = {cal.paddle_to_onnx[w] for w in cal.user_skip if w in cal.paddle_to_onnx}
+    with cal.timer("onnx_export"):
+        onnx.save(build_qdq(cal, skipped, activation_type), str(out_dir / QDQ_ONNX))
+    summary = run_summary(cal, activation_type, started, "post_quant", float_nodes=skipped)
+    with cal.timer("check_artifacts"):
+        summary["artifacts_ran"] = check_artifacts(out_dir, cal)
+    write_json(out_dir / SUMMARY, summary)
+    return PostQuantResult(out_dir, summary)
 
 
 def _conv_weight_names(model_file: Path) -> list[str]:
@@ -447,6 +477,7 @@ def _conv_weight_names(model_file: Path) -> list[str]:
 def evaluate_fp32_and_saved(cfg: Config, save_dir: str, result, max_images: Optional[int]) -> list:
     """FP32 vs every int8 artifact in save_dir; metrics are added to its summary.json."""
     from .evaluate import evaluate_backend, evaluate_saved, format_table
+    from .joblog import note
 
     fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images)
     fp32.model = "FP32 " + Path(cfg.model_dir).name
@@ -454,24 +485,43 @@ def evaluate_fp32_and_saved(cfg: Config, save_dir: str, result, max_images: Opti
     result.metrics = rows
     result.summary["metrics"] = [r.as_dict() for r in rows]
     write_json(Path(save_dir) / SUMMARY, result.summary)
-    print(format_table(rows))
+    table = format_table(rows)
+    print(table)
+    note(table)
     return rows
 
 
 def post_quant_command(config_path: str, save_dir: str, algo: Optional[str] = None,
                        device: str = "cpu", evaluate: bool = False,
                        max_images: Optional[int] = None) -> PostQuantResult:
+    """The post_quant.py job: inputs checked first; save_dir appears only with every output
+    (and, with evaluate, the metrics) complete."""
     from .cli import load_job_config
+    from .joblog import staged_run
+    from .preflight import check_job
 
     cfg = load_job_config(config_path, device, algo)
-    result = quantize(cfg, save_dir)
-    if evaluate:
-        rows = evaluate_fp32_and_saved(cfg, save_dir, result, max_images)
-        fp32 = rows[0]
-        ptq_s = result.summary["seconds"].get("ptq", 0.0)
-        for r in rows[1:]:
-            print(f"INT8 {r.runtime}: mAP@0.5:0.95 {r.map50_95:.4f} "
-                  f"({(r.map50_95 - fp32.map50_95) * 100:+.2f} points vs FP32 {fp32.map50_95:.4f})")
-        print(f"PTQ ({result.summary['algorithm']}, {result.summary['calibration']['images']} "
-              f"images): {ptq_s:.1f} s")
+    check_job(cfg, evaluate=evaluate, save_dir=save_dir, eval_max_images=max_images)
+    with staged_run(save_dir) as stage:
+        result = quantize_into(cfg, stage)
+        if evaluate:
+            report_metrics(cfg, stage, result, max_images)
+    result.save_dir = Path(save_dir)
     return result
+
+
+def report_metrics(cfg: Config, out_dir: Path, result, max_images: Optional[int]) -> list:
+    """--eval: FP32 vs each INT8 artifact in out_dir, printed (and in run.log), into summary.json."""
+    from .joblog import note
+
+    rows = evaluate_fp32_and_saved(cfg, str(out_dir), result, max_images)
+    fp32 = rows[0]
+    lines = [f"INT8 {r.runtime}: mAP@0.5:0.95 {r.map50_95:.4f} "
+             f"({(r.map50_95 - fp32.map50_95) * 100:+.2f} points vs FP32 {fp32.map50_95:.4f})"
+             for r in rows[1:]]
+    ptq_s = result.summary["seconds"].get("ptq", 0.0)
+    lines.append(f"PTQ ({result.summary['algorithm']}, {result.summary['calibration']['images']} "
+                 f"images): {ptq_s:.1f} s")
+    print("\n".join(lines))
+    note("\n".join(lines))
+    return rows

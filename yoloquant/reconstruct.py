@@ -374,7 +374,7 @@ def collect_crops(units: list[Unit], float_model: onnx.ModelProto, images: Seque
                   input_name: str, settings: ReconSettings,
                   quant_model: Optional[onnx.ModelProto] = None, progress: bool = True) -> list[CropSet]:
     """One ONNX Runtime pass (two with a quantized-input model) fetching every unit's input."""
-    from tqdm import tqdm
+    from .progress import progress as progress_of
 
     rng = np.random.default_rng(settings.seed)
     positions = [[_crop_positions(u, settings.crop, settings.crops_per_image, rng) for _ in images] for u in units]
@@ -383,7 +383,8 @@ def collect_crops(units: list[Unit], float_model: onnx.ModelProto, images: Seque
     if quant_model is not None:
         sessions.append(session_with_outputs(quant_model, wanted))
     xs = [[[] for _ in units] for _ in sessions]
-    for i, img in enumerate(tqdm(images, desc="caching unit inputs", disable=not progress)):
+    for i, img in enumerate(progress_of(images, desc="caching unit inputs", unit="img",
+                                        enabled=progress)):
         for s, sess in enumerate(sessions):
             values = dict(zip(wanted, sess.run(wanted, {input_name: img[None]}))) if wanted else {}
             values[input_name] = img[None]
@@ -613,7 +614,7 @@ def reconstruct_unit(unit: Unit, crops: CropSet, states: dict[str, ConvState], c
         opt.step()
         opt.clear_grad()
         if progress is not None and (it % 20 == 0 or it == iters - 1):
-            progress.set_postfix_str(f"{unit.name[:40]} it {it + 1}/{iters} rec {float(rec):.4g}")
+            progress.set_postfix(f"{unit.name[:40]} it {it + 1}/{iters} rec {float(rec):.4g}")
     ints = {name: hard_weight(states[name], states[name].v.numpy()) for name in unit.convs}
     after = _evaluate(P, runner, crops, target, act_quant, "hard", ints=ints)
     changed = sum(int((ints[c] != states[c].rtn).sum()) for c in unit.convs)
@@ -657,7 +658,8 @@ def reconstruct(onnx_model: onnx.ModelProto, conv_params: list, images: Sequence
     keep the float graph's names, so the same names are fetched from both).
     """
     import paddle
-    from tqdm import tqdm
+
+    from .progress import Progress
 
     paddle.disable_static()
     paddle.seed(settings.seed)
@@ -690,12 +692,13 @@ def reconstruct(onnx_model: onnx.ModelProto, conv_params: list, images: Sequence
     rng = np.random.default_rng(settings.seed)
     results, ints = [], {}
     t1 = time.perf_counter()
-    bar = tqdm(list(zip(units, crops)), desc=f"{settings.recon_level} reconstruction ({len(units)} "
-               f"{'regions' if settings.recon_level == 'region-wise' else 'layers'})", disable=not progress)
-    for unit, cs in bar:
+    bar = Progress(len(units), f"{settings.recon_level} reconstruction", "regions"
+                   if settings.recon_level == "region-wise" else "layers", enabled=progress)
+    for unit, cs in zip(units, crops):
         learned, res = reconstruct_unit(unit, cs, states, consts, settings, rng, progress=bar if progress else None)
         ints.update(learned)
         results.append(res)
+        bar.update()
         log.debug("%s: loss %.5g -> %.5g, %.1f%% weights re-rounded, %.1f s", res.name, res.loss_before,
                   res.loss_after, 100 * res.changed_fraction, res.seconds)
     bar.close()
