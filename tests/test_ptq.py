@@ -343,7 +343,15 @@ def test_yolov5n_int8_keeps_accuracy_in_both_runtimes(algo, yolov5n_fp32, tmp_pa
     print(f"{algo}: fp32 {fp32:.4f} paddle-int8 {paddle_int8:.4f} onnx-int8 {onnx_int8:.4f} "
           f"ptq {result.summary['seconds']['ptq']} s")
     assert abs(fp32 - 0.3087) < 0.002  # the reference measured for the float model
-    assert abs(onnx_int8 - paddle_int8) <= 0.005
+    # Both artifacts carry the same scales; their mAPs differ by what each runtime does besides
+    # (ORT requantizes conv outputs and runs SiLU in 8 bits, Paddle's oneDNN int8 does not) and
+    # that difference moves with the CPU: calibration's float products (MKL) and the int8
+    # kernels take other code paths. bench/results/cpu_paths_yolov5n_coco_mini.md reran the job
+    # with oneDNN/MKL on the paths an AMD EPYC takes: |ONNX - Paddle| reached 0.69 points
+    # (abs_max; an EPYC itself showed 0.68), across five calibration draws 0.63
+    # (calibration_draws_*.md). One point bounds both with room, and still catches the two
+    # artifacts drifting apart (each must also stay within 2 points of FP32).
+    assert abs(onnx_int8 - paddle_int8) <= 0.010
     assert fp32 - onnx_int8 <= 0.02 and fp32 - paddle_int8 <= 0.02
 
 
