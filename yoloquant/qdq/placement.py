@@ -134,18 +134,22 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
     report.float_by_rule = sorted(by_rule)
     report.protected_tensors = len(protected)
 
-    plans = []
+    plans, unknown = [], []
     for node in region:
         handler = HANDLERS.get(node.op_type)
         if handler is None:
             if node.op_type not in SHAPE_OPS:
-                report.unknown_ops.append(node.name or f"<unnamed {node.op_type}>")
+                unknown.append(node)
             continue
         plan = handler(node, ctx)
         if plan:
             if node.name in head:  # prediction convs: int8 inputs, float outputs
                 plan = dict(plan, outputs=[])
             plans.append((node, plan))
+    # an unknown op matters when it touches the int8 flow (not the shape arithmetic of a Resize)
+    touched = {t for _, plan in plans for t in (*plan["inputs"], *plan["outputs"])}
+    report.unknown_ops = [n.name or f"<unnamed {n.op_type}>" for n in unknown
+                          if touched & {*n.input, *n.output}]
     if report.unknown_ops:
         log.info("QDQ placement (%s): %d nodes of op types it does not know stay float: %s",
                  rules.name, len(report.unknown_ops), ", ".join(report.unknown_ops[:5]))
@@ -171,6 +175,10 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
     s_in = {node.name: grids[node.input[0]][0] if node.input[0] in grids
             else np.float32(pmap[node.name].input_threshold / QMAX)
             for node, _ in plans if node.op_type == "Conv"}
+    for node, plan in plans:  # (before the writer renames outputs)
+        if node.op_type == "Concat" and node.output[0] in grids:
+            report.unshared_concat_inputs += sum(t in grids and grids[t] != grids[node.output[0]]
+                                                 for t in plan["inputs"])
     w = QdqWriter(graph, act_np)
     for t in wanted:
         if t not in grids:
@@ -192,10 +200,6 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
             conv_op.quantize_weights(w, node, pmap[node.name], s_in[node.name], rules.quantize_bias)
         if any(t in grids for t in (*plan["inputs"], *plan["outputs"])):
             report.quantized_nodes[node.op_type] = report.quantized_nodes.get(node.op_type, 0) + 1
-        if node.op_type == "Concat":
-            out_grid = grids.get(node.output[0])
-            report.unshared_concat_inputs += sum(
-                t in grids and out_grid is not None and grids[t] != out_grid for t in plan["inputs"])
     w.finish()
     return out, report
 
