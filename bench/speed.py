@@ -11,7 +11,9 @@ uses, yoloquant.ptq.calibration_set):
   detection head kept float);
 * NNCF's ``nncf.quantize`` (when nncf is installed; head kept float), on the ONNX model and,
   when OpenVINO is installed, on the OpenVINO model read from it (NNCF's own OpenVINO route);
-* "(proposal)" forms of our artifact that yoloquant/qdq.py could write (bench/experiments);
+* our QDQ ONNX in each layout of yoloquant/qdq (deploy_backend onnxruntime / openvino /
+  tensorrt, from one calibration), and the onnxruntime layout with SiLU / HardSwish left float
+  between DQ and Q (the other gate form, to pick by measurement);
 
 then times FP32 and each artifact on Paddle Inference (oneDNN fp32 / int8), ONNX Runtime and
 OpenVINO (when installed: it reads QDQ ONNX), batch 1, fixed threads. Runs are interleaved
@@ -20,6 +22,11 @@ alike; the table gives the median, p10 and p90, the ratio to the fastest FP32 ru
 of each artifact on that runtime (val set, all images), the quantization wall time and the int8
 conv count (ONNX Runtime: fused QLinearConv after graph optimisation; OpenVINO: convolutions
 executed in u8/i8).
+
+For every candidate on ONNX Runtime / OpenVINO it also records int8 vs float kernel counts and
+a per-op-type time profile (bench/profiles.py), and mAP on the held-out train images too.
+
+  python bench/speed.py          # the whole table: yolov5n, YOLOX-nano, YOLOv6-Lite-M 320
 
 Writes bench/results/speed_<config>.md and .json (with machine and package versions).
 Latencies are wall time on a machine shared with other jobs: compare rows of one run.
@@ -51,6 +58,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
+from profiles import ort_kernels, ort_profile, ov_kernels, ov_profile, profile_line  # noqa: E402
 from yoloquant.cli import setup_logging  # noqa: E402
 from yoloquant.config import Config, load_config  # noqa: E402
 from yoloquant.errors import YoloQuantError  # noqa: E402
@@ -59,7 +67,10 @@ from yoloquant.provenance import machine, machine_line, package_versions, versio
 
 log = logging.getLogger("yoloquant.bench")
 
-DEFAULT_CONFIGS = ("configs/yolov5n_coco_mini.yaml", "configs/yolox_nano_coco_mini.yaml")
+DEFAULT_CONFIGS = ("configs/yolov5n_coco_mini.yaml", "configs/yolox_nano_coco_mini.yaml",
+                   "configs/yolov6lite_m_320_coco_mini.yaml")
+# used while configs/ has no YOLOv6-Lite config of its own
+BENCH_CONFIGS = {"configs/yolov6lite_m_320_coco_mini.yaml": "bench/configs/yolov6lite_m_320_coco_mini.yaml"}
 DEMO_CONFIG = "configs/demo.yaml"
 EXTRA_PACKAGES = ("openvino", "nncf")
 
@@ -98,41 +109,10 @@ class OrtBackend:
         return self.session.run([self.output_name], {self.input_name: images})[0]
 
 
-class OpenVinoBackend:
-    """OpenVINO CPU plugin, latency mode, one stream, f32 precision for non-quantized layers.
+def OpenVinoBackend(path: Path, threads: int):  # noqa: N802 - the package's backend
+    from yoloquant.runtime import OpenVinoBackend as Backend
 
-    The inference precision is pinned to f32: on CPUs with bf16 support OpenVINO may otherwise
-    run "FP32" models in bf16, which is a different (lossy) artifact.
-    """
-
-    def __init__(self, path: Path, threads: int, precision: str = "f32"):
-        import openvino as ov
-
-        core = ov.Core()
-        model = core.read_model(str(path))
-        self.compiled = core.compile_model(model, "CPU", {
-            "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
-            "INFERENCE_NUM_THREADS": str(threads), "INFERENCE_PRECISION_HINT": precision})
-        self.request = self.compiled.create_infer_request()
-        self.input_shape = tuple(model.inputs[0].get_partial_shape().to_shape())
-        self.name = "openvino"
-
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        self.request.infer({0: np.ascontiguousarray(images, dtype=np.float32)})
-        return self.request.get_output_tensor(0).data.copy()
-
-    def int8_convs(self) -> tuple[int, int]:
-        """(convolutions executed in u8/i8, all convolutions) of the compiled graph."""
-        total = int8 = 0
-        for op in self.compiled.get_runtime_model().get_ordered_ops():
-            info = op.get_rt_info()
-            if "layerType" not in info or info["layerType"].astype(str) != "Convolution":
-                continue
-            total += 1
-            # runtimePrecision: the precision the kernel computes in (its input precision)
-            if info["runtimePrecision"].astype(str).lower() in ("u8", "i8"):
-                int8 += 1
-        return int8, total
+    return Backend(path, threads)
 
 
 def paddle_backend(model_file: Path, params_file: Path, threads: int, int8: bool):
@@ -207,18 +187,43 @@ def peer_input_model(model_path: str, sample: np.ndarray, input_name: str, work:
     return str(path)
 
 
-def quantize_ours(cfg: Config, out_dir: Path) -> Artifact:
-    from yoloquant.ptq import PADDLE_MODEL, PADDLE_PARAMS, QDQ_ONNX, quantize
+OUR_FORMS = {  # label suffix: (deploy_backend, rule overrides, runtimes it is timed on)
+    "onnxruntime layout": ("onnxruntime", {}, ("onnxruntime", "openvino")),
+    "onnxruntime layout, SiLU/HardSwish float": ("onnxruntime", {"gate": "float"}, ("onnxruntime",)),
+    "openvino layout": ("openvino", {}, ("openvino",)),
+    "tensorrt layout (signed int8)": ("tensorrt", {}, ("onnxruntime", "openvino")),
+}
 
+
+def quantize_ours(cfg: Config, out_dir: Path) -> list[Artifact]:
+    """One calibration (yoloquant.ptq.calibrate: Paddle PTQ, SNR choice of float convs), then
+    the Paddle int8 program and our QDQ ONNX in every layout."""
+    from yoloquant.ptq import PADDLE_MODEL, PADDLE_PARAMS, calibrate, exact_input_grids
+    from yoloquant.qdq import place_qdq, rules_for, tensor_ranges
+
+    out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    result = quantize(cfg, out_dir)
+    cal = calibrate(cfg, out_dir)
+    cal.tensor_ranges.update(tensor_ranges(cal.onnx_model, cal.images, cal.converted.onnx_input_name))
     seconds = time.perf_counter() - start
-    label = f"INT8 yoloquant (Paddle PTQ {result.summary['algorithm']})"
-    return Artifact(label, "int8", onnx_path=out_dir / QDQ_ONNX,
-                    paddle_files=(out_dir / PADDLE_MODEL, out_dir / PADDLE_PARAMS),
-                    quant_seconds=seconds,
-                    notes={"steps_seconds": result.summary["seconds"],
-                           "calibration_image_ids": result.summary["calibration"]["image_ids"]})
+    skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or []) if w in cal.paddle_to_onnx}
+    params = [p for p in cal.conv_params if p.node_name not in skipped]
+    notes = {"steps_seconds": dict(cal.timer.seconds), "calibration_image_ids": cal.image_ids,
+             "float_convs": dict(cal.float_reasons)}
+    arts = [Artifact(f"INT8 yoloquant ({cal.algo}), Paddle int8 program", "int8",
+                     paddle_files=(out_dir / PADDLE_MODEL, out_dir / PADDLE_PARAMS),
+                     quant_seconds=seconds, notes=dict(notes, runtimes=["paddle"]))]
+    for suffix, (backend, overrides, runtimes) in OUR_FORMS.items():
+        t0 = time.perf_counter()
+        rules = rules_for(backend, **overrides)
+        model, report = place_qdq(cal.onnx_model, params, cal.tensor_ranges, rules=rules,
+                                  input_grids=exact_input_grids(cal) if rules.exact_input else None)
+        path = out_dir / f"model_int8_{backend}{'_gate_float' if overrides else ''}.onnx"
+        onnx.save(model, str(path))
+        arts.append(Artifact(f"INT8 yoloquant ({cal.algo}), {suffix}", "int8", onnx_path=path,
+                             quant_seconds=seconds + time.perf_counter() - t0,
+                             notes=dict(notes, runtimes=list(runtimes), placement=report.as_dict())))
+    return arts
 
 
 def quantize_ort(model_path: str, images, input_name: str, out_path: Path,
@@ -272,34 +277,6 @@ def our_activation_scales(qdq: onnx.ModelProto) -> dict:
             if n.op_type == "QuantizeLinear" and not n.input[0].endswith("_float")}
 
 
-def proposal_artifacts(ours: Artifact, model_path: str, images, input_name: str,
-                       work: Path, ort_ok: bool) -> list[Artifact]:
-    """What yoloquant/qdq.py could write (see bench/experiments/README.md), made from our
-    artifact without touching the package: (a) Q/DQ on conv inputs only, the form OpenVINO and
-    TensorRT fuse (Conv+bias+SiLU, requantized into the next conv); (b) our conv-input scales
-    plus Q/DQ on the glue (Add, Concat, MaxPool, Resize, every SiLU), the form ONNX Runtime
-    runs end to end in int8 (ranges of the glue from MinMax on the same images)."""
-    from experiments.qdq_variants import inputs_only
-
-    arts = []
-    start = time.perf_counter()
-    onnx.save(inputs_only(onnx.load(str(ours.onnx_path))), str(work / "ours_inputs_only.onnx"))
-    arts.append(Artifact("INT8 yoloquant, conv-input QDQ only (proposal)", "int8",
-                         onnx_path=work / "ours_inputs_only.onnx",
-                         quant_seconds=ours.quant_seconds + time.perf_counter() - start,
-                         notes={"runtimes": ["openvino"]}))
-    if ort_ok:
-        overrides = {t: (s, z) for t, (s, z) in
-                     our_activation_scales(onnx.load(str(ours.onnx_path))).items()}
-        glue = quantize_ort(model_path, images, input_name, work / "ours_glue_int8.onnx",
-                            overrides=overrides,
-                            label="INT8 yoloquant scales + int8 glue (proposal)")
-        glue.quant_seconds += ours.quant_seconds
-        glue.notes["runtimes"] = ["onnxruntime"]
-        arts.append(glue)
-    return arts
-
-
 def quantize_nncf(model_path: str, images, input_name: str, out_path: Path) -> Artifact:
     """NNCF post-training quantization of the ONNX model (its defaults: 'performance' preset,
     fast bias correction), head kept float through an ignored scope."""
@@ -350,7 +327,10 @@ class Candidate:
     cpu_times: list = field(default_factory=list)  # process CPU ms (all threads) per run
     int8_convs: Optional[str] = None
     ort_report: Optional[dict] = None
+    kernels: Optional[dict] = None  # int8 / float kernel counts (bench/profiles.py)
+    profile: Optional[dict] = None  # op type -> ms per run
     metrics: Optional[dict] = None
+    heldout: Optional[dict] = None
     error: Optional[str] = None
 
 
@@ -359,7 +339,7 @@ def candidates_for(artifacts: list[Artifact], fp32_paddle: Optional[tuple], thre
     cands = []
     for art in artifacts:
         only = art.notes.get("runtimes")
-        if only:  # a proposal is timed on the runtime it is meant for
+        if only:  # a layout is timed on the runtimes it is meant for
             runtimes_here = [r for r in runtimes if r in only]
         else:
             runtimes_here = runtimes
@@ -377,6 +357,31 @@ def candidates_for(artifacts: list[Artifact], fp32_paddle: Optional[tuple], thre
             cands.append(Candidate(art, "openvino",
                                    lambda p=art.ov_ir or art.onnx_path: OpenVinoBackend(p, threads)))
     return cands
+
+
+def ort_report_with_kernels(path: Path) -> dict:
+    """yoloquant.qdq.ort_int8_report plus int8 / float kernel counts of the optimised graph."""
+    from yoloquant.qdq import ort_int8_report
+    from yoloquant.qdq.check import _session
+
+    report = ort_int8_report(path)
+    with tempfile.TemporaryDirectory(prefix="ortopt_") as tmp:
+        _session(path, optimized_path=str(Path(tmp) / "opt.onnx"))
+        report["kernels"] = ort_kernels(onnx.load(str(Path(tmp) / "opt.onnx")))
+    return report
+
+
+def profile_candidates(cands: list[Candidate], image: np.ndarray, threads: int) -> None:
+    """Per-op-type time of every ORT / OpenVINO candidate, one after the other (after the timed
+    rounds: the profilers' own overhead stays out of the latencies)."""
+    for c in cands:
+        if c.backend is None or c.runtime not in ("onnxruntime", "openvino"):
+            continue
+        path = c.artifact.onnx_path if c.runtime == "onnxruntime" else (c.artifact.ov_ir or c.artifact.onnx_path)
+        try:
+            c.profile = (ort_profile if c.runtime == "onnxruntime" else ov_profile)(path, threads, image)
+        except Exception as exc:  # a profiler failing must not lose the table
+            log.warning("%s on %s: no profile: %s", c.artifact.label, c.runtime, exc)
 
 
 def time_interleaved(cands: list[Candidate], image: np.ndarray, rounds: int, warmup: int,
@@ -411,6 +416,7 @@ def stats(times: list[float], cpu_times: Optional[list[float]] = None) -> dict:
 # ---- one config ---------------------------------------------------------------------------
 def bench_config(config_path: str, args) -> dict:
     cfg = load_config(config_path)
+    cfg.deploy_backend = "onnxruntime"  # every layout is built below from one calibration
     if cfg.model_dir is None or not Path(cfg.model_dir).is_file():
         raise YoloQuantError(f"{config_path}: model {cfg.model_dir} not found")
     prepare_demo_data(cfg)
@@ -427,21 +433,20 @@ def bench_config(config_path: str, args) -> dict:
 
 def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path, args) -> dict:
     from yoloquant.evaluate import convert_for, evaluate_backend
-    from yoloquant.qdq import ort_int8_report
     from yoloquant.validator import preprocess_for, val_dataset
 
     images, image_ids, input_name = calibration_images(cfg, cfg.model_dir)
     fp32 = Artifact("FP32", "fp32", onnx_path=Path(cfg.model_dir))
     artifacts = [fp32]
     ours = quantize_ours(cfg, work / "yoloquant")
-    if [str(i) for i in ours.notes["calibration_image_ids"]] != [str(i) for i in image_ids]:
+    if [str(i) for i in ours[0].notes["calibration_image_ids"]] != [str(i) for i in image_ids]:
         raise YoloQuantError("the peers' calibration images differ from our flow's")
-    artifacts.append(ours)
+    artifacts += ours
     peer_model = peer_input_model(cfg.model_dir, images[0][None], input_name, work)
     if "ort" in args.peers and not have("ml_dtypes"):
         # onnxruntime.quantization imports ml_dtypes, which onnxruntime does not declare
-        log.warning("onnxruntime.quantization needs ml_dtypes (pip install ml_dtypes==0.5.4, "
-                    "the last release for numpy 1.x): the ORT quantize_static row is skipped")
+        log.warning("onnxruntime.quantization needs ml_dtypes (pip install -r "
+                    "bench/requirements-peers.txt): the ORT quantize_static row is skipped")
     elif "ort" in args.peers:
         artifacts.append(quantize_ort(peer_model, images, input_name, work / "ort_qdq.onnx"))
     if "nncf" in args.peers:
@@ -451,10 +456,8 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
             if "openvino" in runtimes:
                 artifacts.append(quantize_nncf_openvino(peer_model, images, work / "nncf_ov.xml"))
         else:
-            log.warning("nncf is not installed: its row is skipped (pip install nncf)")
-    if not args.no_proposals:
-        artifacts += proposal_artifacts(ours, peer_model, images, input_name, work,
-                                        ort_ok="ort" in args.peers and have("ml_dtypes"))
+            log.warning("nncf is not installed: its rows are skipped "
+                        "(pip install -r bench/requirements-peers.txt)")
     for art in artifacts:
         log.info("%s: quantized in %s s", art.label,
                  "-" if art.quant_seconds is None else f"{art.quant_seconds:.1f}")
@@ -469,7 +472,7 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
     reports = {}
     for art in artifacts:
         if art.onnx_path:
-            reports[art.label] = ort_int8_report(art.onnx_path)
+            reports[art.label] = ort_report_with_kernels(art.onnx_path)
     for c in cands:
         try:
             c.backend = c.make()
@@ -481,16 +484,25 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
             r = reports[c.artifact.label]
             c.ort_report = {k: r[k] for k in ("conv_total", "conv_int8", "quantize", "dequantize")}
             c.int8_convs = f"{r['conv_int8']}/{r['conv_total']}"
+            c.kernels = r["kernels"]
         elif c.runtime == "openvino":
             n8, total = c.backend.int8_convs()
             c.int8_convs = f"{n8}/{total}"
+            c.kernels = ov_kernels(c.backend.layer_info())
         elif "int8" in c.runtime:
             c.int8_convs = "oneDNN"  # Paddle does not expose its fused graph cheaply
 
     log.info("timing %d candidates: %d warm-up + %d interleaved rounds, %d threads",
              sum(c.backend is not None for c in cands), args.warmup, args.rounds, args.threads)
     time_interleaved(cands, image, args.rounds, args.warmup)
+    if not args.no_profile:
+        profile_candidates(cands, image, args.threads)
 
+    heldout_cfg = None
+    if not args.no_eval and not args.no_heldout:
+        from yoloquant.evaluate import heldout_config
+
+        heldout_cfg = heldout_config(cfg, image_ids, work)
     if not args.no_eval:
         for c in cands:
             if c.backend is None:
@@ -504,6 +516,10 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
                 continue
             c.metrics = {"map50_95": r.map50_95, "map50": r.map50, "images": r.images}
             log.info("%s on %s: mAP@0.5:0.95 %.4f", c.artifact.label, c.runtime, r.map50_95)
+            if heldout_cfg is not None:
+                h = evaluate_backend(heldout_cfg, c.backend)
+                c.heldout = {"map50_95": h.map50_95, "map50": h.map50, "images": h.images}
+                log.info("%s on %s: held-out mAP@0.5:0.95 %.4f", c.artifact.label, c.runtime, h.map50_95)
 
     rows = []
     timed = [c for c in cands if c.times]
@@ -514,10 +530,13 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
     fp32_map = next((c.metrics["map50_95"] for c in cands
                      if c.artifact.precision == "fp32" and c.runtime == "onnxruntime" and c.metrics),
                     None)
+    fp32_heldout = next((c.heldout["map50_95"] for c in cands if c.artifact.precision == "fp32"
+                         and c.runtime == "onnxruntime" and c.heldout), None)
     for c in cands:
         row = {"artifact": c.artifact.label, "precision": c.artifact.precision,
                "runtime": c.runtime, "quant_seconds": c.artifact.quant_seconds,
                "int8_convs": c.int8_convs, "ort_report": c.ort_report, "metrics": c.metrics,
+               "heldout": c.heldout, "kernels": c.kernels, "profile_ms": c.profile,
                "error": c.error}
         if c.times:
             row.update(stats(c.times, c.cpu_times))
@@ -526,6 +545,8 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
                                                 if fp32_cpu_best else None)
         if c.metrics and fp32_map is not None:
             row["map_delta_points"] = (c.metrics["map50_95"] - fp32_map) * 100
+        if c.heldout and fp32_heldout is not None:
+            row["heldout_delta_points"] = (c.heldout["map50_95"] - fp32_heldout) * 100
         rows.append(row)
     fastest_fp32 = min((r for r in rows if r["precision"] == "fp32" and "median_ms" in r),
                        key=lambda r: r["median_ms"], default=None)
@@ -535,6 +556,7 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
         "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "batch": 1,
         "ort_spinning": args.ort_spinning,
         "calibration": {"images": len(images), "image_ids": image_ids},
+        "heldout_images": next((c.heldout["images"] for c in cands if c.heldout), None),
         "fastest_fp32": fastest_fp32 and {"runtime": fastest_fp32["runtime"],
                                           "median_ms": fastest_fp32["median_ms"]},
         "artifacts": [{"label": a.label, "onnx": str(a.onnx_path) if a.onnx_path else None,
@@ -548,21 +570,29 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
     }
 
 
+def _map_cell(metrics: Optional[dict], delta: Optional[float], reference: bool) -> str:
+    if not metrics:
+        return "-"
+    cell = f"{metrics['map50_95']:.4f}"
+    return cell if reference or delta is None else cell + f" ({delta:+.2f})"
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     fast = result["fastest_fp32"]
+    held = result.get("heldout_images")
     lines = [
         f"# Speed: {Path(result['model']).name} ({result['config']})",
         "",
         f"{machine_line(m)}; batch 1, {result['threads']} threads; "
         f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up "
         f"(load average at the end {', '.join(f'{v:.1f}' for v in result['load_average'])}). "
-        f"mAP@0.5:0.95 on the val set; calibration: {result['calibration']['images']} train images "
-        "(the same for every method).",
+        f"mAP@0.5:0.95 on the val set{f' and on the {held} held-out train images' if held else ''}; "
+        f"calibration: {result['calibration']['images']} train images (the same for every method).",
         "",
         "| artifact | runtime | median ms | p10-p90 ms | x fastest FP32 | CPU ms | CPU x fastest "
-        "| mAP@0.5:0.95 (Δ pts) | quant s | int8 convs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| mAP val (Δ pts) | mAP held-out (Δ pts) | quant s | int8 convs | kernels int8 / float |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         if "median_ms" in r:
@@ -573,17 +603,16 @@ def markdown(result: dict) -> str:
             cpu_ratio = f"{r['cpu_ratio_to_fastest_fp32']:.2f}" if r.get("cpu_ratio_to_fastest_fp32") else "-"
         else:
             lat, spread, ratio, cpu, cpu_ratio = "failed", "-", "-", "-", "-"
-        if r["metrics"]:
-            acc = f"{r['metrics']['map50_95']:.4f}"
-            if r.get("map_delta_points") is not None and not (
-                    r["precision"] == "fp32" and r["runtime"] == "onnxruntime"):
-                acc += f" ({r['map_delta_points']:+.2f})"  # vs FP32 on ONNX Runtime
-        else:
-            acc = "-" if not r["error"] else "failed"
+        reference = r["precision"] == "fp32" and r["runtime"] == "onnxruntime"
+        acc = _map_cell(r["metrics"], r.get("map_delta_points"), reference)
+        if acc == "-" and r["error"]:
+            acc = "failed"
+        hacc = _map_cell(r.get("heldout"), r.get("heldout_delta_points"), reference)
+        k = r.get("kernels")
+        kern = f"{k['int8']} / {k['float']}" if k else "-"
         qs = "-" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}"
         lines.append(f"| {r['artifact']} | {r['runtime']} | {lat} | {spread} | {ratio} | {cpu} "
-                     f"| {cpu_ratio} | {acc} "
-                     f"| {qs} | {r['int8_convs'] or '-'} |")
+                     f"| {cpu_ratio} | {acc} | {hacc} | {qs} | {r['int8_convs'] or '-'} | {kern} |")
     errors = [r for r in result["rows"] if r["error"]]
     if errors:
         lines += [""] + [f"* {r['artifact']} on {r['runtime']}: {r['error']}" for r in errors]
@@ -595,14 +624,18 @@ def markdown(result: dict) -> str:
               "the same ratio against the FP32 row with the least CPU time. "
               "ONNX Runtime sessions run without thread spinning unless --ort_spinning; "
               "OpenVINO runs float layers in f32 (no bf16).",
-              "(proposal) rows: forms of our own artifact that yoloquant/qdq.py could write, "
-              "built from it here (bench/experiments/README.md); each is timed on the runtime it "
-              "is meant for.",
               "int8 convs: ONNX Runtime = QLinearConv after full graph optimisation / all convs; "
               "OpenVINO = convolutions executed in u8/i8 / all; Paddle = oneDNN int8 on conv ops "
-              "(count not exposed). Quant s: wall time of the whole quantization (ours includes "
-              "loading images, the cached ONNX->Paddle conversion and the ONNX scale export).",
+              "(count not exposed). Kernels: ONNX Runtime = compute nodes of the optimised graph on "
+              "int8 codes / on float values (Q/DQ and layout nodes not counted); OpenVINO = layers "
+              "executed in u8/i8 / in f32. Quant s: wall time of the whole quantization (ours: "
+              "loading images, the cached ONNX->Paddle conversion, PTQ, the SNR check, the glue "
+              "ranges and writing that layout).",
               "", "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if val)]
+    profiled = [r for r in result["rows"] if r.get("profile_ms")]
+    if profiled:
+        lines += ["", "## Time per op type (ms per run; ONNX Runtime profiler, OpenVINO PERF_COUNT)", ""]
+        lines += [f"* {r['artifact']} on {r['runtime']}: {profile_line(r['profile_ms'])}" for r in profiled]
     return "\n".join(lines) + "\n"
 
 
@@ -630,7 +663,8 @@ def default_configs() -> list[str]:
     from yoloquant.assets import have_assets
 
     if have_assets():
-        return [str(REPO / c) for c in DEFAULT_CONFIGS]
+        return [str(REPO / c) if (REPO / c).is_file() else str(REPO / BENCH_CONFIGS[c])
+                for c in DEFAULT_CONFIGS]
     demo = REPO / DEMO_CONFIG
     if demo.is_file():
         return [str(demo)]
@@ -656,8 +690,9 @@ def main() -> int:
     parser.add_argument("--ort_spinning", action="store_true",
                         help="let ONNX Runtime's idle threads spin (its default); off here because "
                              "on a shared CPU spinning threads slow the other candidates (and ORT)")
-    parser.add_argument("--no_proposals", action="store_true",
-                        help="skip the rows of the proposed QDQ forms (bench/experiments)")
+    parser.add_argument("--no_heldout", action="store_true",
+                        help="val set only (default: also the train images calibration did not use)")
+    parser.add_argument("--no_profile", action="store_true", help="no per-op-type profiles")
     parser.add_argument("--keep_artifacts", action="store_true",
                         help="keep the quantized models (their folder is named in the JSON)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results"))

@@ -23,6 +23,15 @@ from yoloquant.cli import setup_logging  # noqa: E402
 from yoloquant.config import load_config  # noqa: E402
 
 FORMS = ("conv_only", "onnxruntime", "ort_gate_float", "openvino", "tensorrt")
+VARIANTS = {  # name: (backend, rule overrides)
+    "ort_gate_float": ("onnxruntime", {"gate": "float"}),
+    "ov_int8": ("openvino", {"activation_type": "int8"}),
+    "ov_int8_nobias": ("openvino", {"activation_type": "int8", "quantize_bias": False}),
+    "ov_int8_inexact": ("openvino", {"activation_type": "int8", "exact_input": False}),
+    "ov_u8_nobias": ("openvino", {"quantize_bias": False}),
+    "ort_int8_image_conv": ("onnxruntime", {"int8_image_conv": True}),
+    "ort_int8_head": ("onnxruntime", {"int8_head_convs": True}),
+}
 
 
 def build(cal, form):
@@ -30,12 +39,13 @@ def build(cal, form):
     from yoloquant.qdq import place_qdq, rules_for, tensor_ranges
 
     skipped = set()
-    if form == "ort_gate_float":
+    if form in VARIANTS:
+        backend, over = VARIANTS[form]
         if not cal.tensor_ranges:
             cal.tensor_ranges.update(tensor_ranges(cal.onnx_model, cal.images, cal.converted.onnx_input_name))
-        model, report = place_qdq(cal.onnx_model, cal.conv_params, cal.tensor_ranges,
-                                  rules=rules_for("onnxruntime", gate="float"),
-                                  input_grids=exact_input_grids(cal))
+        rules = rules_for(backend, **over)
+        model, report = place_qdq(cal.onnx_model, cal.conv_params, cal.tensor_ranges, rules=rules,
+                                  input_grids=exact_input_grids(cal) if rules.exact_input else None)
         return model, report.as_dict()
     model = build_qdq(cal, skipped, backend=form)
     return model, cal.placement

@@ -183,15 +183,17 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
     for t in wanted:
         if t not in grids:
             continue
-        scale, zp = grids[t]
+        scale, zp = grids[t][:2]
+        # the exact image grid is uint8 (codes 0..255) whatever the rules' activation type
+        dtype = np.uint8 if len(grids[t]) > 2 else None
         producer = ctx.producer.get(t)
         if producer is not None and t not in protected:
-            w.requantize_output(producer, list(producer.output).index(t), scale, zp)
+            w.requantize_output(producer, list(producer.output).index(t), scale, zp, act_np=dtype)
         else:  # a graph input, or a tensor a float conv reads too: only the int8 readers see Q/DQ
             readers = readers_wanting.get(t, [])
             if not readers:
                 continue
-            _, dq_out = w.qdq_pair(t, scale, zp)
+            _, dq_out = w.qdq_pair(t, scale, zp, act_np=dtype)
             for r in readers:
                 r.input[:] = [dq_out if name == t else name for name in r.input]
         report.quantized_tensors += 1
@@ -274,7 +276,7 @@ def _grids(wanted, plans, pmap, ranges, input_grids, rules, sym_zp, protected) -
         anchor = groups.anchor.get(root)
         grid = None
         if anchor is not None and anchor[0] == "exact":
-            grid = (np.float32(anchor[1]), int(anchor[2]))
+            grid = (np.float32(anchor[1]), int(anchor[2]), "exact")
         elif anchor is not None:
             grid = (np.float32(anchor[1] / QMAX), sym_zp)
         elif len(ts) == 1 and ts[0] in conv_outputs:
