@@ -53,6 +53,9 @@ from .validator import Decoder, postprocess_settings, preprocess_for, val_datase
 
 log = logging.getLogger("yoloquant")
 
+# convs are ranked with Q/DQ around the convs only (the layout every conv runs int8 in, on ONNX
+# Runtime): the deployed layouts run some convs float for speed, which would hide their cost
+RANK_LAYOUT = "conv_only"
 CHECKPOINT = "analysis_checkpoint.json"
 CALIBRATION = "analysis_calibration.json"
 CALIBRATED_MODEL = "analysis_model.onnx"  # the graph the scales refer to (opset-upgraded if needed)
@@ -826,7 +829,7 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
     float_run = solo.measure(cal.onnx_model, with_map=checkpoint is None)
     if checkpoint is None:
         with timer("reference"):
-            int8_run = solo.measure(build_qdq(cal), with_map=True)
+            int8_run = solo.measure(build_qdq(cal, backend=RANK_LAYOUT), with_map=True)
         reference = {"float_map": float_run.map50_95, "float_map50": float_run.map50,
                      "int8_map": int8_run.map50_95, "int8_map50": int8_run.map50,
                      "int8_nsr": noise_ratio(float_run.heads, int8_run.heads)}
@@ -871,9 +874,9 @@ def _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, tim
             ThreadPoolExecutor(PARALLEL_VARIANTS, thread_name_prefix="yoloquant-variant") as pool:
         for count, node in enumerate(todo, 1):
             t0 = time.perf_counter()
-            models = [build_qdq(cal, [n for n in all_nodes if n != node])]
+            models = [build_qdq(cal, [n for n in all_nodes if n != node], backend=RANK_LAYOUT)]
             if with_map:  # the proxy needs the quant-only direction alone
-                models.append(build_qdq(cal, [node]))
+                models.append(build_qdq(cal, [node], backend=RANK_LAYOUT))
             runs = list(pool.map(lambda m: runner.measure(m, with_map), models))
             only, but = runs[0], runs[-1] if with_map else None
             results[node] = {"map_quant_only": only.map50_95,
@@ -958,7 +961,7 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
     evaluations = []
 
     def evaluate(k: int) -> float:
-        m = runner.measure(build_qdq(cal, order[:k]), with_map=True).map50_95
+        m = runner.measure(build_qdq(cal, order[:k], backend=RANK_LAYOUT), with_map=True).map50_95
         evaluations.append(k)
         log.info("target search: %d most sensitive conv(s) float -> mAP %.4f (target %.4f)",
                  k, m, target)
