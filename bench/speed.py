@@ -242,6 +242,8 @@ def quantize_ort(model_path: str, images, input_name: str, out_path: Path,
         def get_next(self):
             return next(self._feeds, None)
 
+    model_path = str(Path(model_path).resolve())  # the quantizer runs in a temporary folder
+    out_path = Path(out_path).resolve()
     excluded = head_nodes(onnx.load(model_path))
     extra = None
     if overrides:
@@ -517,7 +519,7 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
             c.metrics = {"map50_95": r.map50_95, "map50": r.map50, "images": r.images}
             log.info("%s on %s: mAP@0.5:0.95 %.4f", c.artifact.label, c.runtime, r.map50_95)
             if heldout_cfg is not None:
-                h = evaluate_backend(heldout_cfg, c.backend)
+                h = evaluate_backend(heldout_cfg, c.backend, args.max_images)
                 c.heldout = {"map50_95": h.map50_95, "map50": h.map50, "images": h.images}
                 log.info("%s on %s: held-out mAP@0.5:0.95 %.4f", c.artifact.label, c.runtime, h.map50_95)
 

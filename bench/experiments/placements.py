@@ -17,6 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import onnx  # noqa: E402
 
+from yoloquant.qdq.rules import GLUE  # noqa: E402
+
 from speed import (Candidate, OpenVinoBackend, OrtBackend, have, stats,  # noqa: E402
                    time_interleaved)
 from yoloquant.cli import setup_logging  # noqa: E402
@@ -31,6 +33,9 @@ VARIANTS = {  # name: (backend, rule overrides)
     "ov_u8_nobias": ("openvino", {"quantize_bias": False}),
     "ort_int8_image_conv": ("onnxruntime", {"int8_image_conv": True}),
     "ort_int8_head": ("onnxruntime", {"int8_head_convs": True}),
+    "ort_no_add": ("onnxruntime", {"ops": GLUE - {"add"}}),
+    "ort_no_concat": ("onnxruntime", {"ops": GLUE - {"concat"}}),
+    "ort_no_pool_resize": ("onnxruntime", {"ops": GLUE - {"maxpool", "resize"}}),
 }
 
 
@@ -60,6 +65,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--forms", nargs="+", default=list(FORMS))
+    ap.add_argument("--runtimes", nargs="+", default=["ort", "ov"])
+    ap.add_argument("--sets", nargs="+", default=["val", "heldout"])
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=YAML",
                     help="config overrides, e.g. min_layer_snr_db=null")
     args = ap.parse_args()
@@ -84,9 +91,10 @@ def main():
         print("   ", {k: v for k, v in r["op_counts"].items()})
     cands = []
     for form, p in paths.items():
-        cands.append(Candidate(None, f"{form}/ort", None))
-        cands[-1].backend = OrtBackend(p, args.threads, spinning=False)
-        if have("openvino"):
+        if "ort" in args.runtimes:
+            cands.append(Candidate(None, f"{form}/ort", None))
+            cands[-1].backend = OrtBackend(p, args.threads, spinning=False)
+        if have("openvino") and "ov" in args.runtimes:
             cands.append(Candidate(None, f"{form}/ov", None))
             cands[-1].backend = OpenVinoBackend(p, args.threads)
     import numpy as np
@@ -98,7 +106,8 @@ def main():
         print(f"{c.runtime:28s} {s['median_ms']:7.1f} ms  x{s['median_ms'] / base:5.2f}  cpu {s['cpu_median_ms']:7.1f}")
     if args.eval:
         from yoloquant.evaluate import evaluate_backend, heldout_config
-        cfgs = [("val", cfg)] + ([("heldout", heldout_config(cfg, cal.image_ids, out))] if args.heldout else [])
+        cfgs = ([("val", cfg)] if "val" in args.sets else []) + (
+            [("heldout", heldout_config(cfg, cal.image_ids, out))] if args.heldout else [])
         for name, c_ in cfgs:
             for c in cands:
                 c.backend.name = c.runtime

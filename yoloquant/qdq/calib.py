@@ -109,7 +109,8 @@ def tensor_ranges(model: onnx.ModelProto, images: Iterable[np.ndarray], input_na
     for img in images:
         count += 1
         for name, v in zip(out_names, sess.run(None, {input_name: np.asarray(img, np.float32)[None]})):
-            if name not in wanted or not np.issubdtype(np.asarray(v).dtype, np.floating) or v.size == 0:
+            # float32 only: Q/DQ take float32 (a float64 or int tensor is shape arithmetic)
+            if name not in wanted or np.asarray(v).dtype != np.float32 or v.size == 0:
                 continue
             lo[name] = min(lo.get(name, np.inf), float(v.min()))
             hi[name] = max(hi.get(name, -np.inf), float(v.max()))

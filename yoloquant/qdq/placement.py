@@ -64,6 +64,13 @@ class _Context:
         self.producer = {o: n for n in graph.node for o in n.output if o}
         self.consts = {i.name for i in graph.initializer} | {
             o for n in graph.node if n.op_type == "Constant" for o in n.output}
+        # tensors computed from the image; the rest (grid / anchor arithmetic built from shapes,
+        # e.g. YOLOv6's anchor points) count as constants: quantizing them would move the decode
+        data = {i.name for i in graph.input} - self.consts
+        for n in graph.node:  # topological order
+            if n.op_type not in ("Shape", "Size") and any(i in data for i in n.input):
+                data.update(o for o in n.output if o)
+        self.consts |= {o for n in graph.node for o in n.output if o and o not in data}
 
     def is_const(self, t: str) -> bool:
         return t in self.consts
