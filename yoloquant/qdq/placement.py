@@ -284,6 +284,10 @@ def _grids(wanted, plans, pmap, ranges, input_grids, rules, sym_zp, protected) -
         grid = None
         if anchor is not None and anchor[0] == "exact":
             grid = (np.float32(anchor[1]), int(anchor[2]), "exact")
+        elif anchor is not None and not rules.symmetric and any(t in low_zero for t in ts):
+            # a Relu output read by a conv: [0, T] on all 256 codes, zero point 0 (ORT then drops
+            # the Relu into the conv's requantization; T/127 with zero point 128 would keep it)
+            grid = (np.float32(anchor[1] / 255), 0)
         elif anchor is not None:
             grid = (np.float32(anchor[1] / QMAX), sym_zp)
         elif len(ts) == 1 and ts[0] in conv_outputs:
