@@ -58,6 +58,9 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 
+from artifacts import (Artifact, calibration_images, head_nodes, our_activation_scales,  # noqa: E402,F401
+                       peer_input_model, quantize_nncf, quantize_nncf_openvino, quantize_ort,
+                       quantize_ours)
 from profiles import ort_kernels, ort_profile, ov_kernels, ov_profile, profile_line  # noqa: E402
 from yoloquant.cli import setup_logging  # noqa: E402
 from yoloquant.config import Config, load_config  # noqa: E402
@@ -120,202 +123,6 @@ def paddle_backend(model_file: Path, params_file: Path, threads: int, int8: bool
 
     return PaddleInferenceBackend(PaddleModelFiles(Path(model_file), Path(params_file)),
                                   int8=int8, threads=threads)
-
-
-# ---- artifacts ----------------------------------------------------------------------------
-@dataclass
-class Artifact:
-    label: str  # "FP32", "INT8 yoloquant (Paddle PTQ avg)", ...
-    precision: str
-    onnx_path: Optional[Path] = None
-    paddle_files: Optional[tuple] = None  # (model_file, params_file)
-    ov_ir: Optional[Path] = None  # an OpenVINO IR (.xml), for OpenVINO only
-    quant_seconds: Optional[float] = None
-    notes: dict = field(default_factory=dict)
-
-
-def head_nodes(model: onnx.ModelProto) -> list[str]:
-    """Names of the detection head: the final convs (yoloquant.qdq.final_convs) and every node
-    downstream of them (decode, concat). Every method keeps these float, as our flow does."""
-    from yoloquant.qdq import final_convs
-
-    graph = model.graph
-    readers: dict[str, list] = {}
-    for n in graph.node:
-        for i in set(n.input):
-            readers.setdefault(i, []).append(n)
-    finals = final_convs(model)
-    names, stack = set(finals), [o for n in graph.node if n.name in finals for o in n.output]
-    seen = set(stack)
-    while stack:
-        for r in readers.get(stack.pop(), []):
-            names.add(r.name)
-            for o in r.output:
-                if o not in seen:
-                    seen.add(o)
-                    stack.append(o)
-    unnamed = [n for n in graph.node if not n.name]
-    if unnamed:  # ORT / NNCF exclude by node name: an unnamed head node could not be excluded
-        log.warning("%d nodes have no name; they cannot be excluded from quantization", len(unnamed))
-    return sorted(n for n in names if n)
-
-
-def calibration_images(cfg: Config, onnx_path: str):
-    """The exact images our flow calibrates on (same function, same count, same order)."""
-    from yoloquant.ptq import calibration_set, load_images
-    from yoloquant.runtime import OnnxRuntimeBackend
-    from yoloquant.validator import preprocess_for
-
-    probe = OnnxRuntimeBackend(onnx_path, threads=1)
-    preprocess = preprocess_for(cfg, probe.input_shape)
-    dataset = calibration_set(cfg, preprocess, cfg.PTQ.batch_nums * cfg.PTQ.batch_size)
-    images, ids = load_images(dataset, cfg.workers)
-    return images, ids, probe.input_name
-
-
-def peer_input_model(model_path: str, sample: np.ndarray, input_name: str, work: Path) -> str:
-    """The float model the peers quantize: per-channel Q/DQ need opset >= 13, so an older graph
-    (YOLOX: opset 11) is converted first, as our flow does; its output is checked unchanged."""
-    model = onnx.load(model_path)
-    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
-    if opset >= 13:
-        return model_path
-    from yoloquant.ptq import upgrade_opset
-
-    path = work / "fp32_opset13.onnx"
-    onnx.save(upgrade_opset(model, sample, input_name), str(path))
-    return str(path)
-
-
-OUR_FORMS = {  # label suffix: (deploy_backend, rule overrides, runtimes it is timed on)
-    "onnxruntime layout": ("onnxruntime", {}, ("onnxruntime", "openvino")),
-    "onnxruntime layout, SiLU/HardSwish float": ("onnxruntime", {"gate": "float"}, ("onnxruntime",)),
-    "openvino layout": ("openvino", {}, ("openvino",)),
-    "tensorrt layout (signed int8)": ("tensorrt", {}, ("onnxruntime", "openvino")),
-}
-
-
-def quantize_ours(cfg: Config, out_dir: Path) -> list[Artifact]:
-    """One calibration (yoloquant.ptq.calibrate: Paddle PTQ, SNR choice of float convs), then
-    the Paddle int8 program and our QDQ ONNX in every layout."""
-    from yoloquant.ptq import PADDLE_MODEL, PADDLE_PARAMS, calibrate, exact_input_grids
-    from yoloquant.qdq import place_qdq, rules_for, tensor_ranges
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    cal = calibrate(cfg, out_dir)
-    cal.tensor_ranges.update(tensor_ranges(cal.onnx_model, cal.images, cal.converted.onnx_input_name))
-    seconds = time.perf_counter() - start
-    skipped = {cal.paddle_to_onnx[w] for w in (cfg.skip_tensor_list or []) if w in cal.paddle_to_onnx}
-    params = [p for p in cal.conv_params if p.node_name not in skipped]
-    notes = {"steps_seconds": dict(cal.timer.seconds), "calibration_image_ids": cal.image_ids,
-             "float_convs": dict(cal.float_reasons)}
-    arts = [Artifact(f"INT8 yoloquant ({cal.algo}), Paddle int8 program", "int8",
-                     paddle_files=(out_dir / PADDLE_MODEL, out_dir / PADDLE_PARAMS),
-                     quant_seconds=seconds, notes=dict(notes, runtimes=["paddle"]))]
-    for suffix, (backend, overrides, runtimes) in OUR_FORMS.items():
-        t0 = time.perf_counter()
-        rules = rules_for(backend, **overrides)
-        model, report = place_qdq(cal.onnx_model, params, cal.tensor_ranges, rules=rules,
-                                  input_grids=exact_input_grids(cal) if rules.exact_input else None)
-        path = out_dir / f"model_int8_{backend}{'_gate_float' if overrides else ''}.onnx"
-        onnx.save(model, str(path))
-        arts.append(Artifact(f"INT8 yoloquant ({cal.algo}), {suffix}", "int8", onnx_path=path,
-                             quant_seconds=seconds + time.perf_counter() - t0,
-                             notes=dict(notes, runtimes=list(runtimes), placement=report.as_dict())))
-    return arts
-
-
-def quantize_ort(model_path: str, images, input_name: str, out_path: Path,
-                 overrides: Optional[dict] = None,
-                 label: str = "INT8 ORT quantize_static (MinMax)") -> Artifact:
-    """ONNX Runtime's static quantizer: QDQ, U8 activations, per-channel S8 weights, MinMax,
-    its default op types (Conv, Add, Concat, Mul, Sigmoid, MaxPool, Resize, ...) minus the head.
-    ``overrides``: {tensor: (scale, zero point)} forced instead of MinMax (TensorQuantOverrides)."""
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
-                                          QuantType, quantize_static)
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._feeds = iter([{input_name: x[None]} for x in images])
-
-        def get_next(self):
-            return next(self._feeds, None)
-
-    model_path = str(Path(model_path).resolve())  # the quantizer runs in a temporary folder
-    out_path = Path(out_path).resolve()
-    excluded = head_nodes(onnx.load(model_path))
-    extra = None
-    if overrides:
-        extra = {"TensorQuantOverrides": {
-            t: [{"scale": np.asarray(sc, np.float32), "zero_point": np.asarray(zp, np.uint8)}]
-            for t, (sc, zp) in overrides.items()}}
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="ortq_") as tmp:
-        # the calibrator writes augmented models next to itself: keep them out of the repo
-        cwd = os.getcwd()
-        os.chdir(tmp)
-        try:
-            quantize_static(model_path, str(out_path), Reader(), quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            per_channel=True, calibrate_method=CalibrationMethod.MinMax,
-                            nodes_to_exclude=excluded, extra_options=extra)
-        finally:
-            os.chdir(cwd)
-    return Artifact(label, "int8", onnx_path=out_path, quant_seconds=time.perf_counter() - start,
-                    notes={"excluded_head_nodes": len(excluded),
-                           "overridden_tensors": len(overrides or {})})
-
-
-def our_activation_scales(qdq: onnx.ModelProto) -> dict:
-    """{tensor: (scale, zero point)} of the activation QuantizeLinear nodes of our QDQ ONNX that
-    read a tensor of the float graph (conv inputs, SiLU outputs), not a renamed raw conv output
-    (insert_qdq names those '<tensor>_float')."""
-    from onnx import numpy_helper
-
-    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
-    return {n.input[0]: (inits[n.input[1]].astype(np.float32), inits[n.input[2]])
-            for n in qdq.graph.node
-            if n.op_type == "QuantizeLinear" and not n.input[0].endswith("_float")}
-
-
-def quantize_nncf(model_path: str, images, input_name: str, out_path: Path) -> Artifact:
-    """NNCF post-training quantization of the ONNX model (its defaults: 'performance' preset,
-    fast bias correction), head kept float through an ignored scope."""
-    import nncf
-
-    nncf.set_log_level(logging.WARNING)  # it logs every node it leaves unquantized
-    model = onnx.load(model_path)
-    excluded = head_nodes(model)
-    dataset = nncf.Dataset(images, lambda x: {input_name: x[None]})
-    start = time.perf_counter()
-    quantized = nncf.quantize(model, dataset, subset_size=len(images),
-                              ignored_scope=nncf.IgnoredScope(names=excluded, validate=False))
-    seconds = time.perf_counter() - start
-    onnx.save(quantized, str(out_path))
-    return Artifact("INT8 NNCF quantize (ONNX)", "int8", onnx_path=out_path, quant_seconds=seconds,
-                    notes={"excluded_head_nodes": len(excluded), "nncf": nncf.__version__})
-
-
-def quantize_nncf_openvino(model_path: str, images, out_xml: Path) -> Artifact:
-    """NNCF's own route to OpenVINO: quantize the ov.Model read from the ONNX file (the ONNX
-    route above gives a file OpenVINO mis-executes in int8, see the README). Head ignored."""
-    import nncf
-    import openvino as ov
-
-    nncf.set_log_level(logging.WARNING)
-    head = set(head_nodes(onnx.load(model_path)))
-    start = time.perf_counter()
-    model = ov.Core().read_model(model_path)
-    ignored = [op.get_friendly_name() for op in model.get_ops() if op.get_friendly_name() in head]
-    quantized = nncf.quantize(model, nncf.Dataset(images, lambda x: x[None]),
-                              subset_size=len(images),
-                              ignored_scope=nncf.IgnoredScope(names=ignored, validate=False))
-    seconds = time.perf_counter() - start
-    ov.save_model(quantized, str(out_xml))
-    return Artifact("INT8 NNCF quantize (OpenVINO model)", "int8", ov_ir=out_xml,
-                    quant_seconds=seconds,
-                    notes={"excluded_head_nodes": len(ignored), "nncf": nncf.__version__})
 
 
 # ---- candidates and interleaved timing ----------------------------------------------------
@@ -434,27 +241,62 @@ def bench_config(config_path: str, args) -> dict:
 
 
 def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path, args) -> dict:
-    from yoloquant.evaluate import convert_for, evaluate_backend
+    from yoloquant.evaluate import convert_for
     from yoloquant.validator import preprocess_for, val_dataset
 
     images, image_ids, input_name = calibration_images(cfg, cfg.model_dir)
-    fp32 = Artifact("FP32", "fp32", onnx_path=Path(cfg.model_dir))
-    artifacts = [fp32]
+    artifacts = build_artifacts(cfg, images, image_ids, input_name, runtimes, work, args.peers)
+    probe = val_dataset(cfg, preprocess_for(cfg, OrtBackend(artifacts[0].onnx_path, 1).input_shape),
+                        max_images=1)
+    converted = convert_for(cfg, probe) if "paddle" in runtimes else None
+    fp32_paddle = (converted.model_file, converted.params_file) if converted else None
+    image = probe.load(0).tensor[None]  # a real preprocessed val image, the same for all
+
+    cands = candidates_for(artifacts, fp32_paddle, args.threads, runtimes, args.ort_spinning)
+    load_candidates(cands, artifacts)
+    log.info("timing %d candidates: %d warm-up + %d interleaved rounds, %d threads",
+             sum(c.backend is not None for c in cands), args.warmup, args.rounds, args.threads)
+    time_interleaved(cands, image, args.rounds, args.warmup)
+    if not args.no_profile:
+        profile_candidates(cands, image, args.threads)
+    if not args.no_eval:
+        evaluate_candidates(cands, cfg, image_ids, work, args.max_images, not args.no_heldout)
+    return {
+        "config": shown_path(config_path),
+        "model": cfg.model_dir,
+        "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "batch": 1,
+        "ort_spinning": args.ort_spinning,
+        "calibration": {"images": len(images), "image_ids": image_ids},
+        "heldout_images": next((c.heldout["images"] for c in cands if c.heldout), None),
+        **table_rows(cands),
+        "artifacts": [{"label": a.label, "onnx": str(a.onnx_path) if a.onnx_path else None,
+                       "quant_seconds": a.quant_seconds, "notes": a.notes} for a in artifacts],
+        "machine": machine(),
+        "load_average": os.getloadavg(),
+        "versions": {**package_versions(), **versions_of(EXTRA_PACKAGES)},
+        "env": {k: os.environ.get(k) for k in ("KMP_BLOCKTIME", "OMP_NUM_THREADS")},
+        "artifacts_dir": str(work) if args.keep_artifacts else None,
+    }
+
+
+def build_artifacts(cfg: Config, images, image_ids, input_name: str, runtimes: list[str], work: Path,
+                    peers) -> list[Artifact]:
+    """FP32, ours (every layout) and the peers, all from the same calibration images."""
+    artifacts = [Artifact("FP32", "fp32", onnx_path=Path(cfg.model_dir))]
     ours = quantize_ours(cfg, work / "yoloquant")
     if [str(i) for i in ours[0].notes["calibration_image_ids"]] != [str(i) for i in image_ids]:
         raise YoloQuantError("the peers' calibration images differ from our flow's")
     artifacts += ours
     peer_model = peer_input_model(cfg.model_dir, images[0][None], input_name, work)
-    if "ort" in args.peers and not have("ml_dtypes"):
+    if "ort" in peers and not have("ml_dtypes"):
         # onnxruntime.quantization imports ml_dtypes, which onnxruntime does not declare
         log.warning("onnxruntime.quantization needs ml_dtypes (pip install -r "
                     "bench/requirements-peers.txt): the ORT quantize_static row is skipped")
-    elif "ort" in args.peers:
+    elif "ort" in peers:
         artifacts.append(quantize_ort(peer_model, images, input_name, work / "ort_qdq.onnx"))
-    if "nncf" in args.peers:
+    if "nncf" in peers:
         if have("nncf"):
-            artifacts.append(quantize_nncf(peer_model, images, input_name,
-                                           work / "nncf_qdq.onnx"))
+            artifacts.append(quantize_nncf(peer_model, images, input_name, work / "nncf_qdq.onnx"))
             if "openvino" in runtimes:
                 artifacts.append(quantize_nncf_openvino(peer_model, images, work / "nncf_ov.xml"))
         else:
@@ -463,18 +305,13 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
     for art in artifacts:
         log.info("%s: quantized in %s s", art.label,
                  "-" if art.quant_seconds is None else f"{art.quant_seconds:.1f}")
+    return artifacts
 
-    probe = val_dataset(cfg, preprocess_for(cfg, OrtBackend(fp32.onnx_path, 1).input_shape),
-                        max_images=1)
-    converted = convert_for(cfg, probe) if "paddle" in runtimes else None
-    fp32_paddle = (converted.model_file, converted.params_file) if converted else None
-    image = probe.load(0).tensor[None]  # a real preprocessed val image, the same for all
 
-    cands = candidates_for(artifacts, fp32_paddle, args.threads, runtimes, args.ort_spinning)
-    reports = {}
-    for art in artifacts:
-        if art.onnx_path:
-            reports[art.label] = ort_report_with_kernels(art.onnx_path)
+def load_candidates(cands: list[Candidate], artifacts: list[Artifact]) -> None:
+    """Build every backend (a runtime refusing an artifact is recorded, not fatal) and read what
+    it runs in int8."""
+    reports = {art.label: ort_report_with_kernels(art.onnx_path) for art in artifacts if art.onnx_path}
     for c in cands:
         try:
             c.backend = c.make()
@@ -494,46 +331,44 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
         elif "int8" in c.runtime:
             c.int8_convs = "oneDNN"  # Paddle does not expose its fused graph cheaply
 
-    log.info("timing %d candidates: %d warm-up + %d interleaved rounds, %d threads",
-             sum(c.backend is not None for c in cands), args.warmup, args.rounds, args.threads)
-    time_interleaved(cands, image, args.rounds, args.warmup)
-    if not args.no_profile:
-        profile_candidates(cands, image, args.threads)
 
-    heldout_cfg = None
-    if not args.no_eval and not args.no_heldout:
-        from yoloquant.evaluate import heldout_config
+def evaluate_candidates(cands: list[Candidate], cfg: Config, image_ids, work: Path,
+                        max_images: Optional[int], heldout: bool) -> None:
+    """mAP of every candidate on the val set and (``heldout``) on the train images calibration
+    did not use."""
+    from yoloquant.evaluate import evaluate_backend, heldout_config
 
-        heldout_cfg = heldout_config(cfg, image_ids, work)
-    if not args.no_eval:
-        for c in cands:
-            if c.backend is None:
-                continue
-            c.backend.name = c.runtime
-            try:
-                r = evaluate_backend(cfg, c.backend, args.max_images)
-            except Exception as exc:  # a runtime may fail mid-run: the table says so
-                c.error = f"eval: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                log.warning("%s on %s: %s", c.artifact.label, c.runtime, c.error)
-                continue
-            c.metrics = {"map50_95": r.map50_95, "map50": r.map50, "images": r.images}
-            log.info("%s on %s: mAP@0.5:0.95 %.4f", c.artifact.label, c.runtime, r.map50_95)
-            if heldout_cfg is not None:
-                h = evaluate_backend(heldout_cfg, c.backend, args.max_images)
-                c.heldout = {"map50_95": h.map50_95, "map50": h.map50, "images": h.images}
-                log.info("%s on %s: held-out mAP@0.5:0.95 %.4f", c.artifact.label, c.runtime, h.map50_95)
+    heldout_cfg = heldout_config(cfg, image_ids, work) if heldout else None
+    for c in cands:
+        if c.backend is None:
+            continue
+        c.backend.name = c.runtime
+        try:
+            r = evaluate_backend(cfg, c.backend, max_images)
+            h = evaluate_backend(heldout_cfg, c.backend, max_images) if heldout_cfg else None
+        except Exception as exc:  # a runtime may fail mid-run: the table says so
+            c.error = f"eval: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            log.warning("%s on %s: %s", c.artifact.label, c.runtime, c.error)
+            continue
+        c.metrics = {"map50_95": r.map50_95, "map50": r.map50, "images": r.images}
+        if h is not None:
+            c.heldout = {"map50_95": h.map50_95, "map50": h.map50, "images": h.images}
+        log.info("%s on %s: mAP@0.5:0.95 %.4f (held-out %s)", c.artifact.label, c.runtime,
+                 r.map50_95, f"{h.map50_95:.4f}" if h else "-")
 
-    rows = []
+
+def table_rows(cands: list[Candidate]) -> dict:
+    """{"rows": [...], "fastest_fp32": ...}: latency stats, ratios to the fastest FP32 and mAP
+    differences to FP32 on ONNX Runtime."""
     timed = [c for c in cands if c.times]
     fp32_best = min((stats(c.times)["median_ms"] for c in timed if c.artifact.precision == "fp32"),
                     default=None)
     fp32_cpu_best = min((float(np.median(c.cpu_times)) for c in timed
                          if c.artifact.precision == "fp32"), default=None)
-    fp32_map = next((c.metrics["map50_95"] for c in cands
-                     if c.artifact.precision == "fp32" and c.runtime == "onnxruntime" and c.metrics),
-                    None)
-    fp32_heldout = next((c.heldout["map50_95"] for c in cands if c.artifact.precision == "fp32"
-                         and c.runtime == "onnxruntime" and c.heldout), None)
+    ref = next((c for c in cands if c.artifact.precision == "fp32" and c.runtime == "onnxruntime"), None)
+    fp32_map = ref.metrics["map50_95"] if ref and ref.metrics else None
+    fp32_heldout = ref.heldout["map50_95"] if ref and ref.heldout else None
+    rows = []
     for c in cands:
         row = {"artifact": c.artifact.label, "precision": c.artifact.precision,
                "runtime": c.runtime, "quant_seconds": c.artifact.quant_seconds,
@@ -550,26 +385,10 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
         if c.heldout and fp32_heldout is not None:
             row["heldout_delta_points"] = (c.heldout["map50_95"] - fp32_heldout) * 100
         rows.append(row)
-    fastest_fp32 = min((r for r in rows if r["precision"] == "fp32" and "median_ms" in r),
-                       key=lambda r: r["median_ms"], default=None)
-    return {
-        "config": shown_path(config_path),
-        "model": cfg.model_dir,
-        "threads": args.threads, "rounds": args.rounds, "warmup": args.warmup, "batch": 1,
-        "ort_spinning": args.ort_spinning,
-        "calibration": {"images": len(images), "image_ids": image_ids},
-        "heldout_images": next((c.heldout["images"] for c in cands if c.heldout), None),
-        "fastest_fp32": fastest_fp32 and {"runtime": fastest_fp32["runtime"],
-                                          "median_ms": fastest_fp32["median_ms"]},
-        "artifacts": [{"label": a.label, "onnx": str(a.onnx_path) if a.onnx_path else None,
-                       "quant_seconds": a.quant_seconds, "notes": a.notes} for a in artifacts],
-        "rows": rows,
-        "machine": machine(),
-        "load_average": os.getloadavg(),
-        "versions": {**package_versions(), **versions_of(EXTRA_PACKAGES)},
-        "env": {k: os.environ.get(k) for k in ("KMP_BLOCKTIME", "OMP_NUM_THREADS")},
-        "artifacts_dir": str(work) if args.keep_artifacts else None,
-    }
+    fastest = min((r for r in rows if r["precision"] == "fp32" and "median_ms" in r),
+                  key=lambda r: r["median_ms"], default=None)
+    return {"rows": rows, "fastest_fp32": fastest and {"runtime": fastest["runtime"],
+                                                       "median_ms": fastest["median_ms"]}}
 
 
 def _map_cell(metrics: Optional[dict], delta: Optional[float], reference: bool) -> str:

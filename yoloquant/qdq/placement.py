@@ -125,7 +125,6 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
     ctx = _Context(graph, rules, pmap)
     report = PlacementReport(rules.name)
     act_np, sym_zp = ACTIVATION_TYPES[rules.activation_type]
-    graph_outputs = {o.name for o in graph.output}
 
     head = final_convs(out)
     decode = downstream_nodes(out, head)
@@ -141,6 +140,31 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
     report.float_by_rule = sorted(by_rule)
     report.protected_tensors = len(protected)
 
+    plans = _plan_nodes(region, ctx, head, report)
+    wanted, readers_wanting = _wanted(plans, ctx, {o.name for o in graph.output}, protected)
+    grids = _grids(wanted, plans, pmap, ranges, input_grids or {}, rules, sym_zp, protected)
+    # the scale each conv's int32 bias needs: that of its input's grid (read before rewiring)
+    s_in = {node.name: grids[node.input[0]][0] if node.input[0] in grids
+            else np.float32(pmap[node.name].input_threshold / QMAX)
+            for node, _ in plans if node.op_type == "Conv"}
+    for node, plan in plans:  # (before the writer renames outputs)
+        if node.op_type == "Concat" and node.output[0] in grids:
+            report.unshared_concat_inputs += sum(t in grids and grids[t] != grids[node.output[0]]
+                                                 for t in plan["inputs"])
+    w = QdqWriter(graph, act_np)
+    report.quantized_tensors = _write_pairs(w, wanted, grids, readers_wanting, ctx, protected)
+    for node, plan in plans:
+        if node.op_type == "Conv":
+            conv_op.quantize_weights(w, node, pmap[node.name], s_in[node.name], rules.quantize_bias)
+        if any(t in grids for t in (*plan["inputs"], *plan["outputs"])):
+            report.quantized_nodes[node.op_type] = report.quantized_nodes.get(node.op_type, 0) + 1
+    w.finish()
+    return out, report
+
+
+def _plan_nodes(region, ctx: _Context, head: set, report: PlacementReport) -> list:
+    """[(node, plan)] from the handlers; unknown op types that touch the int8 flow are listed
+    (not the shape arithmetic of a Resize)."""
     plans, unknown = [], []
     for node in region:
         handler = HANDLERS.get(node.op_type)
@@ -153,21 +177,22 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
             if node.name in head:  # prediction convs: int8 inputs, float outputs
                 plan = dict(plan, outputs=[])
             plans.append((node, plan))
-    # an unknown op matters when it touches the int8 flow (not the shape arithmetic of a Resize)
     touched = {t for _, plan in plans for t in (*plan["inputs"], *plan["outputs"])}
     report.unknown_ops = [n.name or f"<unnamed {n.op_type}>" for n in unknown
                           if touched & {*n.input, *n.output}]
     if report.unknown_ops:
         log.info("QDQ placement (%s): %d nodes of op types it does not know stay float: %s",
-                 rules.name, len(report.unknown_ops), ", ".join(report.unknown_ops[:5]))
+                 ctx.rules.name, len(report.unknown_ops), ", ".join(report.unknown_ops[:5]))
+    return plans
 
-    def usable(t: str) -> bool:
-        return bool(t) and not ctx.is_const(t) and t not in graph_outputs and t not in protected
 
+def _wanted(plans, ctx: _Context, graph_outputs: set, protected: set):
+    """The tensors to quantize, in plan order, and for each the int8 nodes reading it."""
     wanted, readers_wanting = [], {}
     for node, plan in plans:
         for t in plan["outputs"]:
-            if usable(t) and t not in readers_wanting:
+            if t and not ctx.is_const(t) and t not in graph_outputs and t not in protected \
+                    and t not in readers_wanting:
                 wanted.append(t)
                 readers_wanting[t] = []
         for t in plan["inputs"]:
@@ -176,17 +201,12 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
                     wanted.append(t)
                     readers_wanting[t] = []
                 readers_wanting[t].append(node)
+    return wanted, readers_wanting
 
-    grids = _grids(wanted, plans, pmap, ranges, input_grids or {}, rules, sym_zp, protected)
-    # the scale each conv's int32 bias needs: that of its input's grid (read before rewiring)
-    s_in = {node.name: grids[node.input[0]][0] if node.input[0] in grids
-            else np.float32(pmap[node.name].input_threshold / QMAX)
-            for node, _ in plans if node.op_type == "Conv"}
-    for node, plan in plans:  # (before the writer renames outputs)
-        if node.op_type == "Concat" and node.output[0] in grids:
-            report.unshared_concat_inputs += sum(t in grids and grids[t] != grids[node.output[0]]
-                                                 for t in plan["inputs"])
-    w = QdqWriter(graph, act_np)
+
+def _write_pairs(w: QdqWriter, wanted, grids, readers_wanting, ctx: _Context, protected: set) -> int:
+    """One Q/DQ pair per wanted tensor that has a grid; returns how many were written."""
+    written = 0
     for t in wanted:
         if t not in grids:
             continue
@@ -203,14 +223,8 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
             _, dq_out = w.qdq_pair(t, scale, zp, act_np=dtype)
             for r in readers:
                 r.input[:] = [dq_out if name == t else name for name in r.input]
-        report.quantized_tensors += 1
-    for node, plan in plans:
-        if node.op_type == "Conv":
-            conv_op.quantize_weights(w, node, pmap[node.name], s_in[node.name], rules.quantize_bias)
-        if any(t in grids for t in (*plan["inputs"], *plan["outputs"])):
-            report.quantized_nodes[node.op_type] = report.quantized_nodes.get(node.op_type, 0) + 1
-    w.finish()
-    return out, report
+        written += 1
+    return written
 
 
 def _protected(graph: onnx.GraphProto, ctx: _Context, pmap: dict) -> set:
