@@ -51,7 +51,10 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
                      batch_size: int = 1, json_out: Optional[str] = None, device: str = "cpu",
                      max_images: Optional[int] = None, simulate: bool = False) -> list[EvalResult]:
     from .cli import load_job_config
+    from .runtime import require_openvino
 
+    if runtime == "openvino":
+        require_openvino()  # before the config's data is prepared (the demo generates its own)
     cfg = load_job_config(config_path, device)
     results: list[EvalResult] = []
     if model is not None:
