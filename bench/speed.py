@@ -12,8 +12,8 @@ uses, yoloquant.ptq.calibration_set):
 * NNCF's ``nncf.quantize`` (when nncf is installed; head kept float), on the ONNX model and,
   when OpenVINO is installed, on the OpenVINO model read from it (NNCF's own OpenVINO route);
 * our QDQ ONNX in each layout of yoloquant/qdq (deploy_backend onnxruntime / openvino /
-  tensorrt, from one calibration), and the onnxruntime layout with SiLU / HardSwish left float
-  between DQ and Q (the other gate form, to pick by measurement);
+  tensorrt, from one calibration), and the onnxruntime layout with the other gate forms (SiLU
+  float between DQ and Q, HardSwish in int8), to pick by measurement;
 
 then times FP32 and each artifact on Paddle Inference (oneDNN fp32 / int8), ONNX Runtime and
 OpenVINO (when installed: it reads QDQ ONNX), batch 1, fixed threads. Runs are interleaved

@@ -39,7 +39,7 @@ def plan(node, ctx):
                 "low_zero": [node.output[0]]}
     kind = node.op_type.lower()
     if _gate_mul(node, ctx) is not None:  # the first half of a SiLU / HardSwish
-        if rules.gate != "qlinear" or kind not in rules.ops:
+        if rules.gate_form(node.op_type) != "qlinear" or kind not in rules.ops:
             return None
         return {"inputs": [node.input[0]], "outputs": [node.output[0]], "share": [],
                 "fixed": {node.output[0]: UNIT}}
@@ -52,6 +52,6 @@ def plan(node, ctx):
 def plan_gate_mul(mul, ctx):
     """The Mul of x * gate(x): quantized as a node only in the 'qlinear' form; in the 'float' form
     its output (what the next conv reads) is still quantized by that reader."""
-    if ctx.rules.gate != "qlinear" or "mul" not in ctx.rules.ops:
+    if ctx.rules.gate_form(gate_of(mul, ctx).op_type) != "qlinear" or "mul" not in ctx.rules.ops:
         return None
     return {"inputs": list(mul.input), "outputs": [mul.output[0]], "share": []}
