@@ -228,3 +228,22 @@ def test_backend_names_are_checked():
 
     with pytest.raises(ModelError, match="deploy_backend must be one of onnxruntime, openvino, tensorrt"):
         rules_for("tflite")
+
+
+def test_what_leads_into_a_float_conv_stays_float(setup):
+    """convC kept float (as the SNR check would): cat1, the MaxPool and convB's SiLU lead into
+    it and must give it unrounded values, while convB itself still reads an int8 input."""
+    model, imgs, params, ranges = setup
+    kept = [p for p in params if p.node_name != "convC"]
+    for backend in ("onnxruntime", "openvino", "tensorrt"):
+        q, report = place_qdq(model, kept, ranges, backend)
+        producer = {o: n for n in q.graph.node for o in n.output}
+        conv_c = next(n for n in q.graph.node if n.name == "convC")
+        assert conv_c.input[0] == "cat1" and producer["cat1"].op_type == "Concat", backend
+        cat = producer["cat1"]
+        assert [producer[i].op_type for i in cat.input] == ["Mul", "MaxPool"], backend
+        assert producer[producer["mp"].input[0]].op_type == "Mul", backend
+        assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("b", "mp", "cat1") for n in q.graph.node)
+        conv_b = next(n for n in q.graph.node if n.name == "convB")
+        assert producer[conv_b.input[0]].op_type == "DequantizeLinear", backend
+        assert report.protected_tensors >= 4

@@ -140,7 +140,7 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
     report.float_by_rule = sorted(by_rule)
     report.protected_tensors = len(protected)
 
-    plans = _plan_nodes(region, ctx, head, report)
+    plans = _plan_nodes(region, ctx, head, report, protected)
     wanted, readers_wanting = _wanted(plans, ctx, {o.name for o in graph.output}, protected)
     grids = _grids(wanted, plans, pmap, ranges, input_grids or {}, rules, sym_zp, protected)
     # the scale each conv's int32 bias needs: that of its input's grid (read before rewiring)
@@ -162,7 +162,7 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
     return out, report
 
 
-def _plan_nodes(region, ctx: _Context, head: set, report: PlacementReport) -> list:
+def _plan_nodes(region, ctx: _Context, head: set, report: PlacementReport, protected: set) -> list:
     """[(node, plan)] from the handlers; unknown op types that touch the int8 flow are listed
     (not the shape arithmetic of a Resize)."""
     plans, unknown = [], []
@@ -173,6 +173,8 @@ def _plan_nodes(region, ctx: _Context, head: set, report: PlacementReport) -> li
                 unknown.append(node)
             continue
         plan = handler(node, ctx)
+        if plan and node.op_type != "Conv" and protected & set(node.output):
+            continue  # on the way into a float conv: the whole node stays float
         if plan:
             if node.name in head:  # prediction convs: int8 inputs, float outputs
                 plan = dict(plan, outputs=[])
