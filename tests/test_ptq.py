@@ -83,7 +83,12 @@ def test_tiny_model_end_to_end(tiny_setup):
     assert {"Sigmoid", "Reshape", "Transpose"} <= set(summary["kept_float"]["op_types"])
     assert summary["versions"]["paddlepaddle"] == "2.6.2"
     assert result.summary["seconds"]["ptq"] > 0
-    # the QDQ ONNX: int8 weights, Q/DQ only around convs, runs and stays close to float
+    # the placement is recorded: the layout, what runs in int8, ops it did not know (none here)
+    placement = summary["qdq_placement"]
+    assert summary["deploy_backend"] == placement["backend"] == "onnxruntime"
+    assert placement["unknown_ops"] == [] and placement["quantized_nodes"]["Conv"] == 1
+    assert placement["float_by_rule"] == ["conv0", "head"]  # the image conv and the head conv
+    # the QDQ ONNX: int8 weights, every Q feeds DQs, runs and stays close to float
     qdq = onnx.load(str(out / QDQ_ONNX))
     types = {n.op_type for n in qdq.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= types

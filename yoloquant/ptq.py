@@ -3,7 +3,8 @@
 The deployable ONNX is not a paddle2onnx round trip (measured: it puts Q/DQ on the detection
 head and final concat and uses signed int8 activations that ONNX Runtime on x86 leaves in
 float). Instead the scales Paddle calibrated are written as Q/DQ pairs into the user's original
-ONNX graph, on Conv inputs, weights and outputs only; the decode subgraph stays float.
+ONNX graph, laid out for the config's deploy_backend (yoloquant/qdq: int8 flows between the
+convs); the decode subgraph stays float.
 """
 from __future__ import annotations
 
