@@ -3,6 +3,7 @@
   python eval.py --config_path configs/yolov5n_coco_mini.yaml                 # float ONNX, ONNX Runtime
   python eval.py --config_path ... --runtime paddle                           # its Paddle conversion
   python eval.py --config_path ... --model out/               # a post_quant.py output, real int8 runtimes
+  python eval.py --config_path ... --model out/model_int8.onnx --runtime openvino   # one file on OpenVINO
 """
 import argparse
 
@@ -25,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an .onnx file or a Paddle inference model folder "
                              "(default: the config's model_dir)")
     parser.add_argument("--runtime", default=None, choices=RUNTIMES,
-                        help="for the config's ONNX model: onnxruntime (default), paddle (the "
+                        help="for the config's ONNX model (or an .onnx --model): onnxruntime "
+                             "(default), openvino, paddle (the "
                              "X2Paddle conversion on Paddle Inference) or both")
     parser.add_argument("--batch_size", type=int, default=1, help="images per inference call")
     parser.add_argument("--max_images", type=int, default=None,

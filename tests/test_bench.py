@@ -135,5 +135,32 @@ def test_stats_and_markdown(speed):
               "machine": {"cpu": "cpu", "cores": 2}, "versions": {"onnx": "1"},
               "fastest_fp32": {"runtime": "onnxruntime", "median_ms": 2.5}, "rows": [row, bad]}
     text = speed.markdown(result)
-    assert "| FP32 | onnxruntime | 2.5 | 1.3-7.9 | 1.00 | 3.0 | 1.00 | 0.3000 | - | 0/3 |" in text
+    assert "| FP32 | onnxruntime | 2.5 | 1.3-7.9 | 1.00 | 3.0 | 1.00 | 0.3000 | - | - | 0/3 | - |" in text
     assert "| INT8 x | openvino | failed |" in text and "RuntimeError: no" in text
+    # held-out mAP, kernel counts and the per-op profile when the run has them
+    row.update(heldout={"map50_95": 0.31, "map50": 0.5, "images": 134},
+               kernels={"int8": 40, "float": 3, "qdq": 2, "layout": 5},
+               profile_ms={"QLinearConv": 10.0, "Conv": 2.5})
+    result["heldout_images"] = 134
+    text = speed.markdown(result)
+    assert "| 0.3000 | 0.3100 | - | 0/3 | 40 / 3 |" in text and "134 held-out train images" in text
+    assert "* FP32 on onnxruntime: 12.5 ms: QLinearConv 10.0, Conv 2.5" in text
+
+
+def test_ort_kernel_counts_follow_the_codes(speed):
+    from profiles import ort_kernels
+
+    from yoloquant.qdq.check import _session
+
+    model = tiny_model()
+    qdq = insert_qdq(model, abs_max_params(model, feeds(), skip_output=["convH"]))
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        _session(qdq, optimized_path=f"{tmp}/o.onnx")
+        k = ort_kernels(onnx.load(f"{tmp}/o.onnx"))
+        _session(model, optimized_path=f"{tmp}/f.onnx")
+        k_fp32 = ort_kernels(onnx.load(f"{tmp}/f.onnx"))
+    assert k_fp32["int8"] == 0 and k_fp32["float"] >= 3
+    # on codes: QLinearConv x2 and the two SiLUs (QLinearSigmoid + QLinearMul); float: the head
+    # conv with its Sigmoid fused (FusedConv); Q/DQ and Transposes/Reshape counted apart
+    assert (k["int8"], k["float"], k["qdq"], k["layout"]) == (6, 1, 4, 3), k

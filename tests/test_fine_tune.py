@@ -79,7 +79,9 @@ def test_learned_rounding_on_tiny_model(tiny, tmp_path, level, simulate):
 
 def test_fine_tune_job_exports_learned_weights_to_both_runtimes(tiny):
     root, raw = tiny
-    cfg = config_from_dict(dict(raw, recon_images=4))
+    # the openvino layout runs every conv in int8 (onnxruntime's keeps the image and head convs
+    # float), so all three convs' learned weights are in the QDQ ONNX
+    cfg = config_from_dict(dict(raw, recon_images=4, deploy_backend="openvino"))
     out = root / "ft_out"
     fine_tune(cfg, out, settings_from(cfg, "layer-wise", False, epochs=40, lr=0.05, limit=6), progress=False)
     summary = json.loads((out / SUMMARY).read_text())
@@ -210,7 +212,7 @@ def test_bias_correction_after_learned_rounding_reaches_both_runtimes(tiny):
     from yoloquant.calibration import conv_bias_params
 
     root, raw = tiny
-    cfg = config_from_dict(dict(raw, recon_images=4, conv_bias_correction=True))
+    cfg = config_from_dict(dict(raw, recon_images=4, conv_bias_correction=True, deploy_backend="openvino"))
     out = root / "ft_bc"
     fine_tune(cfg, out, settings_from(cfg, "layer-wise", False, epochs=20, lr=0.05, limit=6), progress=False)
     summary = json.loads((out / SUMMARY).read_text())

@@ -83,7 +83,12 @@ def test_tiny_model_end_to_end(tiny_setup):
     assert {"Sigmoid", "Reshape", "Transpose"} <= set(summary["kept_float"]["op_types"])
     assert summary["versions"]["paddlepaddle"] == "2.6.2"
     assert result.summary["seconds"]["ptq"] > 0
-    # the QDQ ONNX: int8 weights, Q/DQ only around convs, runs and stays close to float
+    # the placement is recorded: the layout, what runs in int8, ops it did not know (none here)
+    placement = summary["qdq_placement"]
+    assert summary["deploy_backend"] == placement["backend"] == "onnxruntime"
+    assert placement["unknown_ops"] == [] and placement["quantized_nodes"]["Conv"] == 1
+    assert placement["float_by_rule"] == ["conv0", "head"]  # the image conv and the head conv
+    # the QDQ ONNX: int8 weights, every Q feeds DQs, runs and stays close to float
     qdq = onnx.load(str(out / QDQ_ONNX))
     types = {n.op_type for n in qdq.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= types
@@ -143,6 +148,9 @@ def test_gptq_rounding_reaches_both_models(tiny_setup):
     """weight_rounding: gptq changes which grid point some weights take (not the scales), and
     the Paddle int8 model and the QDQ ONNX carry the same int8 values."""
     root, raw = tiny_setup
+    # the openvino layout keeps every conv int8 (onnxruntime's runs the image and head convs in
+    # float, for speed), so all three convs' weights can be compared with the Paddle model's
+    raw = {**raw, "deploy_backend": "openvino"}
     nearest_dir, gptq_dir = root / "out_nearest", root / "out_gptq"
     quantize(config_from_dict(raw), nearest_dir)
     result = quantize(config_from_dict({**raw, "weight_rounding": "gptq"}), gptq_dir)

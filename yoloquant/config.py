@@ -32,6 +32,9 @@ log = logging.getLogger("yoloquant")
 ARCHES = ("YOLOv5", "YOLOv6", "YOLOv7", "YOLOX")
 PTQ_ALGOS = ("KL", "hist", "avg", "mse", "emd", "abs_max", "ptf")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+# the QDQ ONNX layouts (yoloquant/qdq/rules.py RULES, plus the earlier conv-only one); kept here
+# as literals so the config module imports nothing heavy
+DEPLOY_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "conv_only")
 
 
 def _key(default, help: str, choices: tuple = ()):  # noqa: A002 - 'help' reads best here
@@ -123,6 +126,10 @@ class Config:
                                 "yoloquant/gptq.py; +8-12 s on yolov5n). Helps per-tensor weights; "
                                 "with per-channel weights no gain beyond noise (README)",
                                 WEIGHT_ROUNDINGS)
+    deploy_backend: str = _key("onnxruntime", "runtime the QDQ ONNX (model_int8.onnx) is laid out "
+                               "for: where int8 flows between the convs and in which form "
+                               "(yoloquant/qdq/rules.py); conv_only: the earlier layout, Q/DQ "
+                               "around the convs only", DEPLOY_BACKENDS)
     PTQ: PTQConfig = field(default_factory=PTQConfig,
                            metadata={"help": "post-training quantization section", "choices": ()})
     # analysis (analysis.py)

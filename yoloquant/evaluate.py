@@ -8,11 +8,12 @@ from typing import Optional
 from .config import Config, require
 from .errors import ConfigError
 from .fileio import write_json
-from .runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles, open_backend
+from .runtime import (OPENVINO_PIN, OnnxRuntimeBackend, OpenVinoBackend, PaddleInferenceBackend, PaddleModelFiles,
+                      open_backend)
 from .validator import Decoder, EvalResult, evaluate, postprocess_settings, preprocess_for, val_dataset
 
 log = logging.getLogger("yoloquant")
-RUNTIMES = ("onnxruntime", "paddle", "both")
+RUNTIMES = ("onnxruntime", "openvino", "paddle", "both")
 
 
 def convert_for(cfg: Config, dataset=None):
@@ -52,21 +53,26 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
                      batch_size: int = 1, json_out: Optional[str] = None, device: str = "cpu",
                      max_images: Optional[int] = None, simulate: bool = False) -> list[EvalResult]:
     from .cli import load_job_config
+    from .runtime import require_openvino
 
+    if runtime == "openvino":
+        require_openvino()  # before the config's data is prepared (the demo generates its own)
     cfg = load_job_config(config_path, device)
     _check_inputs(cfg, model, max_images)
     results: list[EvalResult] = []
     if model is not None:
-        if runtime is not None:
-            raise ConfigError("--runtime applies to the config's ONNX model; with --model the "
-                              "runtime follows the file (.onnx: ONNX Runtime, folder: Paddle)")
+        onnx_file = Path(model).suffix == ".onnx"
+        if runtime is not None and not (onnx_file and runtime in ("onnxruntime", "openvino")):
+            raise ConfigError("with --model, --runtime can only pick onnxruntime or openvino for an "
+                              ".onnx file; otherwise the runtime follows the model (.onnx: ONNX "
+                              "Runtime, folder: Paddle, post_quant.py output: every int8 runtime)")
         if Path(model).is_dir() and (Path(model) / "summary.json").is_file():
             # a post_quant.py output: every int8 artifact in it, on its real int8 runtime
             results.extend(evaluate_saved(cfg, model, max_images, simulate=simulate))
         else:
             if simulate:
                 raise ConfigError("--simulate applies to a post_quant.py output folder")
-            backend = open_backend(model)
+            backend = OpenVinoBackend(model) if runtime == "openvino" else open_backend(model)
             r = evaluate_backend(cfg, backend, max_images, batch_size)
             r.model = str(model)
             results.append(r)
@@ -75,6 +81,10 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
         runtime = runtime or "onnxruntime"
         if runtime in ("onnxruntime", "both"):
             r = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images, batch_size)
+            r.model = cfg.model_dir
+            results.append(r)
+        if runtime == "openvino":
+            r = evaluate_backend(cfg, OpenVinoBackend(cfg.model_dir), max_images, batch_size)
             r.model = cfg.model_dir
             results.append(r)
         if runtime in ("paddle", "both"):
@@ -130,9 +140,21 @@ def evaluate_saved(cfg: Config, save_dir: str, max_images: Optional[int] = None,
         r = evaluate_backend(cfg, OnnxRuntimeBackend(onnx_file), max_images)
         r.model = f"INT8 {onnx_file.name}"
         rows.append(r)
+        if have_openvino():  # the same file on OpenVINO, which runs QDQ ONNX in int8 too
+            r = evaluate_backend(cfg, OpenVinoBackend(onnx_file), max_images)
+            r.model = f"INT8 {onnx_file.name}"
+            rows.append(r)
+        else:
+            log.info("OpenVINO is not installed: no OpenVINO row (pip install %s)", OPENVINO_PIN)
     if not rows:
         raise ConfigError(f"{save} holds no .pdmodel or .onnx model to evaluate")
     return rows
+
+
+def have_openvino() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
 
 
 def heldout_config(cfg: Config, calibration_ids, work_dir: str | Path) -> Config:

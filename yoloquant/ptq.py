@@ -3,7 +3,8 @@
 The deployable ONNX is not a paddle2onnx round trip (measured: it puts Q/DQ on the detection
 head and final concat and uses signed int8 activations that ONNX Runtime on x86 leaves in
 float). Instead the scales Paddle calibrated are written as Q/DQ pairs into the user's original
-ONNX graph, on Conv inputs, weights and outputs only; the decode subgraph stays float.
+ONNX graph, laid out for the config's deploy_backend (yoloquant/qdq: int8 flows between the
+convs); the decode subgraph stays float.
 """
 from __future__ import annotations
 
@@ -237,6 +238,10 @@ class Calibration:
     layer_snr: dict = field(default_factory=dict)
     # the convs skip_tensor_list keeps float: Paddle weight name -> ONNX Conv node name
     user_skip: dict = field(default_factory=dict)
+    # (min, max) of the float graph's tensors on the calibration images (the grids of the glue
+    # between convs; measured on first use by build_qdq) and what the last placement did
+    tensor_ranges: dict = field(default_factory=dict)
+    placement: Optional[dict] = None
 
     def onnx_to_paddle(self) -> dict:
         return {v: k for k, v in self.paddle_to_onnx.items()}
@@ -350,19 +355,39 @@ def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, 
     return [replace(p, quantized_weight=ints[p.node_name]) for p in params]
 
 
-def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8") -> onnx.ModelProto:
-    """The original ONNX graph with every calibrated Conv quantized except `float_nodes`.
+def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8",
+              backend: Optional[str] = None) -> onnx.ModelProto:
+    """The original ONNX graph with every calibrated Conv quantized except `float_nodes`, laid
+    out for `backend` (default: the config's deploy_backend; yoloquant/qdq/rules.py).
 
-    A conv whose output reaches a float conv's input is not requantized (ONNX Runtime then runs
-    it in float): the float conv is float because that tensor cannot take 8 bits.
-    """
+    What leads into a float conv's input is not quantized (for ONNX Runtime that also keeps the
+    producing conv float): the float conv is float because that tensor cannot take 8 bits.
+    `activation_type` applies to the conv_only layout (the others fix it by runtime)."""
+    from .qdq import place_qdq, rules_for, tensor_ranges
+
+    backend = backend or cal.cfg.deploy_backend
+    keep = set(float_nodes)
+    params = [p for p in cal.conv_params if p.node_name not in keep]
+    if backend == "conv_only":
+        cal.placement = {"backend": backend}
+        return _conv_only_qdq(cal, params, activation_type)
+    rules = rules_for(backend)
+    if not cal.tensor_ranges:
+        with cal.timer("glue_ranges"):
+            cal.tensor_ranges.update(tensor_ranges(cal.onnx_model, cal.images,
+                                                   cal.converted.onnx_input_name))
+    grids = exact_input_grids(cal) if rules.exact_input else {}
+    model, report = place_qdq(cal.onnx_model, params, cal.tensor_ranges, rules=rules, input_grids=grids)
+    cal.placement = dict(report.as_dict(), exact_input_tensors=sorted(grids))
+    return model
+
+
+def _conv_only_qdq(cal: Calibration, params: list, activation_type: str) -> onnx.ModelProto:
     from dataclasses import replace
 
     from .head import conv_producers
     from .qdq import insert_qdq
 
-    keep = set(float_nodes)
-    params = [p for p in cal.conv_params if p.node_name not in keep]
     quantized = {p.node_name for p in params}
     float_convs = [n.name for n in cal.onnx_model.graph.node
                    if n.op_type == "Conv" and n.name not in quantized]
@@ -370,6 +395,34 @@ def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8") 
     params = [replace(p, output_threshold=None, output_range=None) if p.node_name in feeding_float
               else p for p in params]
     return insert_qdq(cal.onnx_model, params, activation_type=activation_type)
+
+
+# ops that move or select pixels without changing them (YOLOX's Focus: Slice + Concat)
+_VALUE_PRESERVING = frozenset({"Slice", "Concat", "Reshape", "Transpose", "Split", "Identity",
+                               "SpaceToDepth", "DepthToSpace"})
+
+
+def exact_input_grids(cal: Calibration) -> dict:
+    """{tensor: (scale, 0)} for the image input and the tensors made from it by value-preserving
+    ops: after preprocessing every value is k * pixel_scale for an integer 0 <= k <= 255 (the
+    letterbox pads with an integer too), so a uint8 grid of that scale holds them exactly and the
+    first conv loses nothing to its input's quantization."""
+    cfg = cal.cfg
+    scale = cfg.pixel_scale if cfg.pixel_scale is not None else (1.0 if cfg.arch == "YOLOX" else 1 / 255)
+    if not float(cfg.pad_value).is_integer() or not 0 <= cfg.pad_value <= 255:
+        return {}
+    graph = cal.onnx_model.graph
+    consts = {i.name for i in graph.initializer}
+    exact, changed = {cal.converted.onnx_input_name}, True
+    while changed:
+        changed = False
+        for n in graph.node:
+            data = [i for i in n.input if i and i not in consts]
+            if n.op_type in _VALUE_PRESERVING and data and all(i in exact for i in data) \
+                    and not set(n.output) <= exact:
+                exact.update(o for o in n.output if o)
+                changed = True
+    return {t: (np.float32(scale), 0) for t in exact}
 
 
 def run_summary(cal: Calibration, activation_type: str, started: str, command: str,
@@ -401,6 +454,10 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
                        "conv_reasons": dict(sorted(cal.float_reasons.items())),
                        "op_types": sorted({n.op_type for n in kept})},
         "layer_snr_db": {k: round(v.snr_db, 2) for k, v in cal.layer_snr.items()},
+        "deploy_backend": cfg.deploy_backend,
+        # where int8 flows (yoloquant/qdq/placement.py); unknown_ops: nodes left float because
+        # the placement does not know their op type
+        "qdq_placement": cal.placement,
         "outputs": {"paddle_model": PADDLE_MODEL, "paddle_params": PADDLE_PARAMS,
                     "qdq_onnx": QDQ_ONNX},
         "versions": package_versions(),

@@ -16,7 +16,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from .errors import ModelError
+from .errors import ConfigError, ModelError
 
 log = logging.getLogger("yoloquant")
 # Paddle's C++ passes log every fusion step at INFO; keep warnings and errors only
@@ -87,6 +87,70 @@ class OnnxRuntimeBackend:
         self.name = name
         self.path = None
         return self
+
+
+OPENVINO_PIN = "openvino==2026.4.1"  # the version requirements.txt pins (numpy 1.x works)
+
+
+def require_openvino():
+    """The openvino module, or one line saying how to install it."""
+    try:
+        import openvino
+    except ImportError:
+        raise ConfigError(f"OpenVINO is not installed: pip install {OPENVINO_PIN} "
+                          "(it is in requirements.txt)") from None
+    return openvino
+
+
+class OpenVinoBackend:
+    """OpenVINO's CPU plugin on an .onnx file (it runs QDQ ONNX in int8) or an IR .xml.
+
+    Latency mode, one stream; layers left float run in f32: on CPUs with bf16 or AMX support
+    OpenVINO would otherwise run them in bf16, a different (lossy) artifact."""
+
+    def __init__(self, path: str | Path, threads: Optional[int] = None, precision: str = "f32"):
+        ov = require_openvino()
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"model not found: {path}")
+        core = ov.Core()
+        try:
+            model = core.read_model(str(path))
+            self.compiled = core.compile_model(model, "CPU", {
+                "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+                "INFERENCE_NUM_THREADS": str(threads or default_threads()),
+                "INFERENCE_PRECISION_HINT": precision})
+        except RuntimeError as exc:  # OpenVINO reports unreadable / unsupported models so
+            raise ModelError(f"OpenVINO cannot load {path}: {str(exc).splitlines()[0]}") from exc
+        self.request = self.compiled.create_infer_request()
+        self.input_shape = tuple(model.inputs[0].get_partial_shape().to_shape())
+        self.name = "openvino"
+        self.path = path
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        self.request.infer({0: np.ascontiguousarray(images, dtype=np.float32)})
+        return self.request.get_output_tensor(0).data.copy()
+
+    def int8_convs(self) -> tuple[int, int]:
+        """(convolutions executed in u8/i8, all convolutions) of the compiled graph."""
+        total = int8 = 0
+        for info in self.layer_info():
+            if info["type"] == "Convolution":
+                total += 1
+                int8 += info["precision"] in ("u8", "i8")
+        return int8, total
+
+    def layer_info(self) -> list[dict]:
+        """Per layer of the compiled graph: type, the precision it computes in, and kernel."""
+        rows = []
+        for op in self.compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            if "layerType" not in info:
+                continue
+            rows.append({"name": op.get_friendly_name(), "type": info["layerType"].astype(str),
+                         "precision": info["runtimePrecision"].astype(str).lower(),
+                         "kernel": info["primitiveType"].astype(str) if "primitiveType" in info else ""})
+        return rows
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, _fingerprint, _fingerprint_diff, loa
 from .files import (CALIBRATION, CHECKPOINT, HIST_PNG, PROXY_PNG, RANK_CSV, RANK_JSON, RANK_PNG,
                     RANK_TXT, SKIP_YAML, STAT_CSV, TARGET_DIR)
 from .images import load_eval_images
-from .measure import Runner, _QuietQDQ, head_tensors, noise_ratio, snr_db
+from .measure import RANK_LAYOUT, Runner, _QuietQDQ, head_tensors, noise_ratio, snr_db
 from .ranking import correlations, rank_layers
 from .report import _pt, _short, _write_outputs
 from .statistics import layer_statistics
@@ -125,7 +125,7 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
     float_run = solo.measure(cal.onnx_model, with_map=checkpoint is None)
     if checkpoint is None:
         with timer("reference"):
-            int8_run = solo.measure(build_qdq(cal), with_map=True)
+            int8_run = solo.measure(build_qdq(cal, backend=RANK_LAYOUT), with_map=True)
         reference = {"float_map": float_run.map50_95, "float_map50": float_run.map50,
                      "int8_map": int8_run.map50_95, "int8_map50": int8_run.map50,
                      "int8_nsr": noise_ratio(float_run.heads, int8_run.heads)}
@@ -168,9 +168,9 @@ def _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, tim
             ThreadPoolExecutor(PARALLEL_VARIANTS, thread_name_prefix="yoloquant-variant") as pool:
         for count, node in enumerate(todo, 1):
             t0 = time.perf_counter()
-            models = [build_qdq(cal, [n for n in all_nodes if n != node])]
+            models = [build_qdq(cal, [n for n in all_nodes if n != node], backend=RANK_LAYOUT)]
             if with_map:  # the proxy needs the quant-only direction alone
-                models.append(build_qdq(cal, [node]))
+                models.append(build_qdq(cal, [node], backend=RANK_LAYOUT))
             runs = list(pool.map(lambda m: runner.measure(m, with_map), models))
             only, but = runs[0], runs[-1] if with_map else None
             results[node] = {"map_quant_only": only.map50_95,

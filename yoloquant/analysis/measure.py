@@ -16,6 +16,11 @@ from ..runtime import OnnxRuntimeBackend
 from .images import EvalImages
 
 
+# convs are ranked with Q/DQ around the convs only (the layout every conv runs int8 in, on ONNX
+# Runtime): the deployed layouts run some convs float for speed, which would hide their cost
+RANK_LAYOUT = "conv_only"
+
+
 def head_tensors(model: onnx.ModelProto) -> list[str]:
     """Outputs of the convs from which a graph output is reachable through non-Conv ops only:
     the detection head's raw predictions (box and score logits) before any decoding.

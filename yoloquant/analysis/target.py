@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..fileio import write_json, write_text
 from ..provenance import Timer
 from .files import SKIP_YAML, TARGET_DIR
-from .measure import Runner
+from .measure import RANK_LAYOUT, Runner
 
 log = logging.getLogger("yoloquant")
 
@@ -79,7 +79,7 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
     evaluations = []
 
     def evaluate(k: int) -> float:
-        m = runner.measure(build_qdq(cal, order[:k]), with_map=True).map50_95
+        m = runner.measure(build_qdq(cal, order[:k], backend=RANK_LAYOUT), with_map=True).map50_95
         evaluations.append(k)
         log.info("target search: %d most sensitive conv(s) float -> mAP %.4f (target %.4f)",
                  k, m, target)

@@ -1,0 +1,63 @@
+"""OpenVINO as a runtime of the QDQ ONNX: the backend, and the one-line message when it is absent."""
+import builtins
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from yoloquant.errors import ConfigError
+from yoloquant.runtime import OPENVINO_PIN, OpenVinoBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def no_openvino(monkeypatch):
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_missing_openvino_says_how_to_install_it(no_openvino, tmp_path):
+    with pytest.raises(ConfigError, match=rf"OpenVINO is not installed: pip install {OPENVINO_PIN}"):
+        OpenVinoBackend(tmp_path / "model.onnx")
+
+
+def test_eval_cli_without_openvino_is_one_error_line(tmp_path):
+    # a child interpreter where 'import openvino' fails, running the real eval.py entry point
+    code = ("import sys; sys.modules['openvino'] = None; sys.argv = ['eval.py', '--config_path', "
+            f"{str(ROOT / 'configs' / 'demo.yaml')!r}, '--runtime', 'openvino']; "
+            f"sys.path.insert(0, {str(ROOT)!r}); import runpy; runpy.run_path({str(ROOT / 'eval.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == [f"error: OpenVINO is not installed: pip install {OPENVINO_PIN} (it is in requirements.txt)"]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_openvino_backend_runs_an_onnx_file(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.full((2, 3, 1, 1), 0.5, np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Conv", ["X", "W"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2, 4, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    backend = OpenVinoBackend(tmp_path / "m.onnx", threads=1)
+    x = np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32)
+    np.testing.assert_allclose(backend(x), np.broadcast_to(x.sum(1, keepdims=True) * 0.5, (1, 2, 4, 4)), rtol=1e-5)
+    assert backend.input_shape == (1, 3, 4, 4) and backend.int8_convs() == (0, 1)
+    with pytest.raises(Exception, match="model not found"):
+        OpenVinoBackend(tmp_path / "missing.onnx")
