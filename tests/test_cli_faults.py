@@ -169,7 +169,9 @@ def test_outputs_use_the_umask_and_carry_their_log(job, tmp_path):
     assert "Sampling stage" not in proc.stderr + log  # Paddle's own bars
     assert "old way to load inference model" not in proc.stderr + log
     summary = json.loads((save / "summary.json").read_text())
-    assert len(summary["metrics"]) == 3  # --eval metrics are part of the saved summary
+    # --eval metrics are part of the saved summary: FP32 and every INT8 runtime
+    assert [m["runtime"] for m in summary["metrics"]] == [
+        "onnxruntime", "paddle-inference(onednn-int8)", "onnxruntime", "openvino"]
 
 
 def test_umask_027_is_followed_too(job, tmp_path):
