@@ -40,11 +40,23 @@ def evaluate_backend(cfg: Config, backend, max_images: Optional[int] = None, bat
 
 
 def format_table(rows: list[EvalResult]) -> str:
-    lines = [f"{'model':<40} {'runtime':<28} {'images':>6} {'mAP50-95':>9} {'mAP50':>7} {'sec':>7}"]
+    """The results table; rows compared to a reference (validator.compare_to) get the delta
+    in mAP@0.5:0.95 points with its paired bootstrap 95% interval."""
+    from .stats import CI_NOTE
+
+    with_delta = [r for r in rows if r.delta is not None]
+    delta_head = f" {'dmAP50-95 pts [95% CI]':>24}" if with_delta else ""
+    lines = [f"{'model':<40} {'runtime':<28} {'images':>6} {'mAP50-95':>9} {'mAP50':>7} "
+             f"{'sec':>7}{delta_head}"]
     for r in rows:
         name = r.model if len(r.model) <= 40 else "..." + r.model[-37:]
+        delta = (f" {r.delta.map50_95.points():>24}" if r.delta is not None
+                 else f" {'-':>24}" if with_delta else "")
         lines.append(f"{name:<40} {r.runtime:<28} {r.images:>6} {r.map50_95:>9.4f} "
-                     f"{r.map50:>7.4f} {r.seconds:>7.1f}")
+                     f"{r.map50:>7.4f} {r.seconds:>7.1f}{delta}")
+    if with_delta:
+        ref = with_delta[0].reference
+        lines.append(f"dmAP50-95: minus {ref['model']} ({ref['runtime']}), in points; {CI_NOTE}")
     return "\n".join(lines)
 
 
