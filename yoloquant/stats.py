@@ -31,7 +31,7 @@ LEVEL = 0.95
 SEED = 0
 _CHUNK = 256  # resamples computed at once (bounds memory: chunk x true positives floats)
 _EPS = np.spacing(1)  # pycocotools' guard in precision = tp / (tp + fp + eps)
-CI_NOTE = (f"95% CI: paired bootstrap over images ({RESAMPLES} resamples, percentile), "
+CI_NOTE = (f"95% CI: paired bootstrap over images ({RESAMPLES} resamples, basic interval), "
            "the same resample for both models")
 
 
@@ -229,6 +229,7 @@ def resample_weights(n_images: int, resamples: int = RESAMPLES, seed: int = SEED
 
 
 def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
+    """The central `level` range of the finite values."""
     finite = np.asarray(values, dtype=np.float64)
     finite = finite[np.isfinite(finite)]
     if finite.size == 0:
@@ -236,6 +237,17 @@ def percentile_interval(values: np.ndarray, level: float = LEVEL) -> tuple[float
     tail = 100 * (1 - level) / 2
     lo, hi = np.percentile(finite, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def bootstrap_interval(estimate: float, resampled: np.ndarray, level: float = LEVEL) -> "Interval":
+    """The basic (reverse-percentile) bootstrap interval [2e - q_hi, 2e - q_lo].
+
+    Why not the plain percentiles: an AP on a resample, where images repeat, is biased upward
+    (the precision envelope takes maxima over a coarser curve). On the synthetic population of
+    tests/test_stats.py the percentile interval of one model's mAP covered the truth in 86% of
+    80-image draws, the basic one in 98%; for paired deltas both were near 95%."""
+    lo, hi = percentile_interval(resampled, level)
+    return Interval(float(estimate), 2 * estimate - hi, 2 * estimate - lo)
 
 
 @dataclass(frozen=True)
@@ -272,7 +284,7 @@ class DeltaCI:
                 "delta_ci95": [r6(self.map50_95.lo), r6(self.map50_95.hi)],
                 "delta_map50": r6(self.map50.value),
                 "delta_map50_ci95": [r6(self.map50.lo), r6(self.map50.hi)],
-                "ci": {"method": "paired bootstrap over images, percentile", "level": self.level,
+                "ci": {"method": "paired bootstrap over images, basic interval", "level": self.level,
                        "resamples": self.resamples, "images": self.images}}
 
 
@@ -300,8 +312,7 @@ def paired_delta(reference: ImageMatches, candidate: Candidate, resamples: int =
     intervals = []
     for metric in (0, 1):
         diff = np.mean([c[metric] for c in cand], axis=0) - ref[metric]
-        lo, hi = percentile_interval(diff[1:], level)
-        intervals.append(Interval(float(diff[0]), lo, hi))
+        intervals.append(bootstrap_interval(float(diff[0]), diff[1:], level))
     return DeltaCI(intervals[0], intervals[1], reference.images, int(weights.shape[0]), level)
 
 
@@ -310,4 +321,4 @@ def map_interval(matches: ImageMatches, resamples: int = RESAMPLES, seed: int = 
     """One model's mAP@0.5:0.95 with its bootstrap interval over images."""
     weights = resample_weights(matches.images, resamples, seed)
     values = matches.average_precision(np.vstack([np.ones((1, matches.images)), weights]))[0]
-    return Interval(float(values[0]), *percentile_interval(values[1:], level))
+    return bootstrap_interval(float(values[0]), values[1:], level)
