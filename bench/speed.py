@@ -56,6 +56,7 @@ from yoloquant.config import Config, load_config  # noqa: E402
 from yoloquant.errors import YoloQuantError  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
 from yoloquant.provenance import machine, machine_line, package_versions, versions_of  # noqa: E402
+from yoloquant.stats import CI_NOTE, paired_delta, resample_weights  # noqa: E402
 
 log = logging.getLogger("yoloquant.bench")
 
@@ -352,6 +353,7 @@ class Candidate:
     ort_report: Optional[dict] = None
     metrics: Optional[dict] = None
     error: Optional[str] = None
+    result: object = None  # validator.EvalResult (its per-image matches give the intervals)
 
 
 def candidates_for(artifacts: list[Artifact], fp32_paddle: Optional[tuple], threads: int,
@@ -503,6 +505,7 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
                 log.warning("%s on %s: %s", c.artifact.label, c.runtime, c.error)
                 continue
             c.metrics = {"map50_95": r.map50_95, "map50": r.map50, "images": r.images}
+            c.result = r
             log.info("%s on %s: mAP@0.5:0.95 %.4f", c.artifact.label, c.runtime, r.map50_95)
 
     rows = []
@@ -511,9 +514,10 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
                     default=None)
     fp32_cpu_best = min((float(np.median(c.cpu_times)) for c in timed
                          if c.artifact.precision == "fp32"), default=None)
-    fp32_map = next((c.metrics["map50_95"] for c in cands
-                     if c.artifact.precision == "fp32" and c.runtime == "onnxruntime" and c.metrics),
+    fp32_ref = next((c.result for c in cands
+                     if c.artifact.precision == "fp32" and c.runtime == "onnxruntime" and c.result),
                     None)
+    weights = resample_weights(fp32_ref.images) if fp32_ref is not None else None
     for c in cands:
         row = {"artifact": c.artifact.label, "precision": c.artifact.precision,
                "runtime": c.runtime, "quant_seconds": c.artifact.quant_seconds,
@@ -524,8 +528,11 @@ def _bench_config(cfg: Config, config_path: str, runtimes: list[str], work: Path
             row["ratio_to_fastest_fp32"] = row["median_ms"] / fp32_best if fp32_best else None
             row["cpu_ratio_to_fastest_fp32"] = (row["cpu_median_ms"] / fp32_cpu_best
                                                 if fp32_cpu_best else None)
-        if c.metrics and fp32_map is not None:
-            row["map_delta_points"] = (c.metrics["map50_95"] - fp32_map) * 100
+        if c.result is not None and fp32_ref is not None:
+            # vs FP32 on ONNX Runtime, with a paired bootstrap 95% interval over the images
+            d = paired_delta(fp32_ref.matches, c.result.matches, weights=weights).map50_95
+            row["map_delta_points"] = d.value * 100
+            row["map_delta_ci95_points"] = [d.lo * 100, d.hi * 100]
         rows.append(row)
     fastest_fp32 = min((r for r in rows if r["precision"] == "fp32" and "median_ms" in r),
                        key=lambda r: r["median_ms"], default=None)
@@ -557,11 +564,11 @@ def markdown(result: dict) -> str:
         f"{machine_line(m)}; batch 1, {result['threads']} threads; "
         f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up "
         f"(load average at the end {', '.join(f'{v:.1f}' for v in result['load_average'])}). "
-        f"mAP@0.5:0.95 on the val set; calibration: {result['calibration']['images']} train images "
-        "(the same for every method).",
+        f"mAP@0.5:0.95 on the val set (delta to FP32 on ONNX Runtime in points; {CI_NOTE}); "
+        f"calibration: {result['calibration']['images']} train images (the same for every method).",
         "",
         "| artifact | runtime | median ms | p10-p90 ms | x fastest FP32 | CPU ms | CPU x fastest "
-        "| mAP@0.5:0.95 (Δ pts) | quant s | int8 convs |",
+        "| mAP@0.5:0.95 (Δ pts [95% CI]) | quant s | int8 convs |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -577,7 +584,9 @@ def markdown(result: dict) -> str:
             acc = f"{r['metrics']['map50_95']:.4f}"
             if r.get("map_delta_points") is not None and not (
                     r["precision"] == "fp32" and r["runtime"] == "onnxruntime"):
-                acc += f" ({r['map_delta_points']:+.2f})"  # vs FP32 on ONNX Runtime
+                ci = r.get("map_delta_ci95_points")  # vs FP32 on ONNX Runtime
+                acc += (f" ({r['map_delta_points']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}])" if ci
+                        else f" ({r['map_delta_points']:+.2f})")
         else:
             acc = "-" if not r["error"] else "failed"
         qs = "-" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}"

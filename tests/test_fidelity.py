@@ -114,6 +114,25 @@ def test_paired_fidelity_delta_separates_noise_levels(demo):
     assert (same["map50_95"].lo, same["map50_95"].hi, same["snr_db"].lo) == (0.0, 0.0, 0.0)
 
 
+def test_one_pass_gives_the_labelled_results_too(demo):
+    """A recording on a CocoDetection scores exactly as eval.py does, from the same detections."""
+    from yoloquant.evaluate import evaluate_backend
+    from yoloquant.fidelity import labelled, record
+    from yoloquant.validator import preprocess_for, val_dataset
+
+    root, cfg = demo
+    ref = OnnxRuntimeBackend(cfg.model_dir)
+    noisy = OnnxRuntimeBackend.from_model(noisy_model(0.05))
+    dataset = val_dataset(cfg, preprocess_for(cfg, ref.input_shape))
+    decoder = Decoder(cfg.output_layout, dataset.preprocess.input_size, postprocess_settings(cfg))
+    rec = record(ref, [noisy], dataset, decoder, names=["noisy"])
+    fp32, cand = labelled(rec, dataset)
+    for got, backend in ((fp32, ref), (cand, noisy)):
+        want = evaluate_backend(cfg, backend)
+        assert (got.map50_95, got.map50, got.detections) == (want.map50_95, want.map50, want.detections)
+    assert cand.model == "noisy" and cand.map50_95 < fp32.map50_95
+
+
 def test_no_reference_detections_is_a_clear_error(demo):
     root, cfg = demo
     ref, folder, decoder = setup(cfg, root)

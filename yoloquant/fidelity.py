@@ -74,13 +74,17 @@ def output_noise(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarr
 @dataclass
 class Recording:
     """The reference's and the candidates' detections (input pixels) on one image set, and the
-    candidates' output noise: everything fidelity is scored from, at any confidence."""
+    candidates' output noise: everything fidelity is scored from, at any confidence. For a
+    CocoDetection source also each image's id and letterbox, so the same pass can be scored
+    against the labels too (`labelled`)."""
 
     reference: list  # per image (M, 6) [x1, y1, x2, y2, score, class]
     candidates: list  # per candidate, per image (M, 6)
     noise: list  # per candidate, OutputNoise
     num_classes: int
     names: list = field(default_factory=list)
+    image_ids: list = field(default_factory=list)  # None entries for unlabelled images
+    infos: list = field(default_factory=list)  # preprocess.LetterboxInfo per image, or None
 
     @property
     def images(self) -> int:
@@ -119,14 +123,15 @@ ImageSource = Union[Sequence[np.ndarray], object]  # tensors (3, H, W), or a dat
 
 
 def _tensors(images: ImageSource, workers: int):
+    """(tensor, image id or None, letterbox info or None) per image."""
     if hasattr(images, "load"):
         from .data import iterate_batches
 
         for batch in iterate_batches(images, batch_size=1, workers=workers, desc="fidelity images"):
-            yield batch.images[0]
+            yield batch.images[0], batch.image_ids[0], batch.infos[0]
     else:
         for t in images:
-            yield np.asarray(t, dtype=np.float32)
+            yield np.asarray(t, dtype=np.float32), None, None
 
 
 def _run(backend, tensor: np.ndarray) -> np.ndarray:
@@ -143,10 +148,12 @@ def record(reference, candidates: Sequence, images: ImageSource, decoder, worker
     """Run the reference and every candidate (backends: `backend(images) -> first output`) on
     each image; keep their detections and the candidates' output noise. Raw outputs are not
     kept, so memory does not grow with the outputs' size."""
-    ref_dets, cand_dets = [], [[] for _ in candidates]
+    ref_dets, cand_dets, ids, infos = [], [[] for _ in candidates], [], []
     stats = [([], []) for _ in candidates]
     num_classes = None
-    for tensor in _tensors(images, workers):
+    for tensor, image_id, info in _tensors(images, workers):
+        ids.append(image_id)
+        infos.append(info)
         ref_out = _run(reference, tensor)
         num_classes = ref_out.shape[-1] - 5
         ref_dets.append(decoder(ref_out)[0])
@@ -163,7 +170,32 @@ def record(reference, candidates: Sequence, images: ImageSource, decoder, worker
         raise DataError("no images to measure fidelity on")
     noise = [OutputNoise(np.array(s), np.array(n)) for s, n in stats]
     return Recording(ref_dets, cand_dets, noise, int(num_classes),
-                     list(names) if names else [getattr(b, "name", "") for b in candidates])
+                     list(names) if names else [getattr(b, "name", "") for b in candidates],
+                     ids, infos)
+
+
+def labelled(recording: Recording, dataset) -> list:
+    """validator.EvalResult (COCO mAP against the labels, with per-image matches) of the
+    reference (first) and of each candidate, from a recording made on `dataset` (a
+    CocoDetection): one pass over the images gives both the labelled and the label-free view."""
+    from .metrics import CocoEvaluator
+    from .preprocess import boxes_to_original
+    from .validator import EvalResult
+
+    if not recording.image_ids or recording.image_ids[0] is None:
+        raise DataError("this recording was made on unlabelled images: record a CocoDetection")
+    results = []
+    for name, per_image in [("reference", recording.reference)] + list(zip(recording.names,
+                                                                           recording.candidates)):
+        ev = CocoEvaluator(dataset.anno_path, dataset.category_ids)
+        for image_id, info, dets in zip(recording.image_ids, recording.infos, per_image):
+            dets = dets.copy()
+            dets[:, :4] = boxes_to_original(dets[:, :4], info)
+            ev.add(image_id, dets)
+        stats = ev.summarize(recording.image_ids)
+        results.append(EvalResult(stats["map50_95"], stats["map50"], recording.images,
+                                  stats["detections"], "", 0.0, name, matches=ev.matches))
+    return results
 
 
 # ---- scoring ------------------------------------------------------------------------------
