@@ -113,8 +113,12 @@ def pair_widths(fid: list, results: list) -> dict:
 
 
 def measure(args) -> dict:
+    with tempfile.TemporaryDirectory(prefix="fidelity_bench_") as tmp:
+        return measure_in(args, Path(tmp))
+
+
+def measure_in(args, work: Path) -> dict:
     cfg = load_config(args.config_path)
-    work = Path(tempfile.mkdtemp(prefix="fidelity_bench_"))
     variants = [quantize_variant(cfg, name, work / f"v{i}") for i, name in enumerate(args.variants)]
     for v in variants:
         print({k: v[k] for k in ("variant", "job_seconds", "int8_convs", "float_convs")}, flush=True)
@@ -152,7 +156,10 @@ def analyse(m: dict) -> dict:
             table.append({"fidelity_on": fid_set, "labelled_delta_on": target, "component": comp,
                           **correlations(values, delta[target])})
     ceiling = correlations(delta["val"], delta["heldout"])
-    return {"delta_points": delta, "correlations": table, "labelled_val_vs_heldout": ceiling}
+    on_val, on_held = components(m["fidelity"]["val"]), components(m["fidelity"]["heldout"])
+    reproducible = {comp: correlations(on_val[comp], on_held[comp]) for comp in on_val}
+    return {"delta_points": delta, "correlations": table, "labelled_val_vs_heldout": ceiling,
+            "fidelity_val_vs_heldout": reproducible}
 
 
 def markdown(m: dict, a: dict, cfg_path: str) -> str:
@@ -186,6 +193,10 @@ def markdown(m: dict, a: dict, cfg_path: str) -> str:
     for r in a["correlations"]:
         cells.setdefault(r["component"], []).append(f"{r['spearman']:.2f} / {r['pearson']:.2f}")
     lines += [f"| {comp} | " + " | ".join(v) + " |" for comp, v in cells.items()]
+    lines += ["", "The same component measured on val vs on held-out (its own reproducibility; the "
+              "labelled delta's is above): " + "; ".join(
+                  f"{comp} {c['spearman']:.2f} / {c['pearson']:.2f}"
+                  for comp, c in a["fidelity_val_vs_heldout"].items()) + "."]
     lines += ["", "Interval widths (95%, points; median over variants / pairs of variants):", ""]
     lines += [f"* {k}: {v}" for k, v in a["widths"].items()]
     return "\n".join(lines) + "\n"
@@ -196,9 +207,11 @@ def widths(m: dict, a: dict) -> dict:
     of two variants, with the fidelity width also in labelled points (x the regression slope
     of the pooled labelled delta on the fidelity)."""
     out = {}
-    comp = components(m["fidelity"]["val+heldout"])["mAP50-95 vs FP32 @0.25"]
-    slope = float(np.polyfit(comp, a["delta_points"]["pooled"], 1)[0])
+    comp = components(m["fidelity"]["val+heldout"])
+    slope = float(np.polyfit(comp["mAP50-95 vs FP32 @0.25"], a["delta_points"]["pooled"], 1)[0])
+    snr_slope = float(np.polyfit(comp["output SNR dB"], a["delta_points"]["pooled"], 1)[0])
     out["slope: labelled points per fidelity point (pooled, conf 0.25)"] = round(slope, 3)
+    out["slope: labelled points per output SNR dB (pooled)"] = round(snr_slope, 3)
     for s in ("val", "heldout"):
         lab = [100 * (r.delta.map50_95.hi - r.delta.map50_95.lo) for r in m["results"][s][1:]]
         fid = [100 * (f.map50_95.hi - f.map50_95.lo) for f in m["fidelity"][s][0.25]]
@@ -210,6 +223,8 @@ def widths(m: dict, a: dict) -> dict:
         fid_w = [100 * (p["fidelity"][2] - p["fidelity"][1]) * abs(slope) for p in pairs]
         out[f"{s}: pairs, labelled A-B"] = round(float(np.median(lab_w)), 2)
         out[f"{s}: pairs, fidelity A-B (x slope)"] = round(float(np.median(fid_w)), 2)
+        snr_w = [(p["snr"][2] - p["snr"][1]) * abs(snr_slope) for p in pairs]
+        out[f"{s}: pairs, output SNR A-B (x slope)"] = round(float(np.median(snr_w)), 2)
         out[f"{s}: pairs whose interval excludes 0, labelled / fidelity / SNR"] = (
             f"{sum(p['labelled'][1] > 0 or p['labelled'][2] < 0 for p in pairs)} / "
             f"{sum(p['fidelity'][1] > 0 or p['fidelity'][2] < 0 for p in pairs)} / "

@@ -143,11 +143,21 @@ def _run(backend, tensor: np.ndarray) -> np.ndarray:
     return np.asarray(backend(x))[:1]
 
 
+def _backend(model):
+    """A backend as given, or one opened from a path (.onnx: ONNX Runtime, folder: Paddle)."""
+    if isinstance(model, (str, Path)):
+        from .runtime import open_backend
+
+        return open_backend(model)
+    return model
+
+
 def record(reference, candidates: Sequence, images: ImageSource, decoder, workers: int = 2,
            names: Optional[Sequence[str]] = None) -> Recording:
-    """Run the reference and every candidate (backends: `backend(images) -> first output`) on
-    each image; keep their detections and the candidates' output noise. Raw outputs are not
-    kept, so memory does not grow with the outputs' size."""
+    """Run the reference and every candidate (backends: `backend(images) -> first output`, or
+    model paths) on each image; keep their detections and the candidates' output noise. Raw
+    outputs are not kept, so memory does not grow with the outputs' size."""
+    reference, candidates = _backend(reference), [_backend(c) for c in candidates]
     ref_dets, cand_dets, ids, infos = [], [[] for _ in candidates], [], []
     stats = [([], []) for _ in candidates]
     num_classes = None
