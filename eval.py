@@ -4,6 +4,10 @@
   python eval.py --config_path ... --runtime paddle                           # its Paddle conversion
   python eval.py --config_path ... --model out/               # a post_quant.py output, real int8 runtimes
   python eval.py --config_path ... --model out/model_int8.onnx --runtime openvino   # one file on OpenVINO
+  python eval.py --config_path ... --model out/ --fidelity_images DIR   # against FP32, no labels
+
+Deltas against a reference model (--reference; FP32 by default for a post_quant.py output)
+come with a paired bootstrap 95% interval over the images.
 """
 import argparse
 
@@ -14,7 +18,9 @@ from yoloquant.evaluate import RUNTIMES, evaluate_command
 def main(args: argparse.Namespace) -> int:
     evaluate_command(args.config_path, model=args.model, runtime=args.runtime,
                      batch_size=args.batch_size, json_out=args.json, device=args.devices,
-                     max_images=args.max_images, simulate=args.simulate)
+                     max_images=args.max_images, simulate=args.simulate,
+                     reference=args.reference, fidelity_images=args.fidelity_images,
+                     fidelity_conf=args.fidelity_conf)
     return 0
 
 
@@ -35,8 +41,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--simulate", action="store_true",
                         help="also run the float simulation of a quantized Paddle model "
                              "(labelled as such; deployment accuracy is the int8 rows)")
+    parser.add_argument("--reference", default="auto", metavar="PATH|FP32|none",
+                        help="compare with this model (.onnx or Paddle folder; FP32: the config's "
+                             "float model): each row gets delta and delta_ci95 (paired bootstrap "
+                             "over images). Default: FP32 for a post_quant.py output, else none")
+    parser.add_argument("--fidelity_images", default=None, metavar="DIR",
+                        help="instead of labelled mAP: agreement with the reference (FP32 unless "
+                             "--reference) on the images of DIR, no annotations needed: mAP of "
+                             "the model's detections against the reference's, and output SNR")
+    parser.add_argument("--fidelity_conf", type=float, default=None,
+                        help="with --fidelity_images: the reference's detections with at least "
+                             "this score are the ground truth (default 0.25)")
     parser.add_argument("--json", default=None, metavar="OUT",
-                        help="write {map50_95, map50, images, runtime, seconds} to OUT")
+                        help="write {map50_95, map50, images, runtime, seconds[, delta, "
+                             "delta_ci95, ...]} (or the fidelity) to OUT")
     return parser
 
 

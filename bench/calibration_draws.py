@@ -24,6 +24,7 @@ from yoloquant.fileio import write_json  # noqa: E402
 from yoloquant.provenance import machine, machine_line, package_versions  # noqa: E402
 from yoloquant.ptq import QDQ_ONNX, quantize  # noqa: E402
 from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
+from yoloquant.stats import CI_NOTE, paired_delta, resample_weights  # noqa: E402
 
 RUNTIMES = {"paddle-inference(onednn-int8)": "Paddle int8", "onnxruntime": "QDQ ONNX"}
 OPENVINO = "QDQ ONNX on OpenVINO"
@@ -35,8 +36,8 @@ def nncf_row(cfg, xml: Path, draw: int, first_image: str) -> dict:
 
     images, _, _ = calibration_images(cfg, cfg.model_dir)
     quantize_nncf_openvino(cfg.model_dir, images, xml)
-    score = evaluate_backend(cfg, OpenVinoBackend(xml, threads=2)).map50_95
-    return {"draw": draw, "first_image": first_image, "algo": "NNCF", "OpenVINO": score}
+    result = evaluate_backend(cfg, OpenVinoBackend(xml, threads=2))
+    return {"draw": draw, "first_image": first_image, "algo": "NNCF", "OpenVINO": result}
 
 
 def main() -> None:
@@ -64,48 +65,55 @@ def main() -> None:
     draws = min(args.draws, len(files) // size)
     if draws < 2:
         sys.exit(f"{source} has {len(files)} images: fewer than two draws of {size}")
-    fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir)).map50_95
-    rows = []
+    fp32_result = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir))
+    fp32 = fp32_result.map50_95
+    rows = []  # each runtime's value: its validator.EvalResult (plain numbers in the JSON)
     with tempfile.TemporaryDirectory() as tmp:
         for d in range(draws):
             folder = Path(tmp) / f"draw{d}"
             folder.mkdir()
             for f in files[d * size:(d + 1) * size]:
-                os.symlink(f, folder / f.name)
+                os.symlink(f.resolve(), folder / f.name)  # f may be relative to the cwd
             cfg.train_image_dir, cfg.train_anno_path = str(folder), None
             if "nncf" in args.peers:
                 rows.append(nncf_row(cfg, Path(tmp) / f"nncf_{d}.xml", d, files[d * size].name))
-                print(rows[-1], flush=True)
+                print({k: getattr(v, 'map50_95', v) for k, v in rows[-1].items()}, flush=True)
             for algo in args.algos:
                 cfg.PTQ.algo = algo
                 save = Path(tmp) / f"out_{d}_{algo}"
                 result = quantize(cfg, save)
-                scores = {RUNTIMES[r.runtime]: r.map50_95 for r in evaluate_saved(cfg, str(save))}
+                scores = {RUNTIMES[r.runtime]: r for r in evaluate_saved(cfg, str(save))}
                 if args.openvino:
                     from bench.speed import OpenVinoBackend
 
                     backend = OpenVinoBackend(save / QDQ_ONNX, threads=2)
-                    scores[OPENVINO] = evaluate_backend(cfg, backend).map50_95
+                    scores[OPENVINO] = evaluate_backend(cfg, backend)
                 rows.append({"draw": d, "first_image": files[d * size].name, "algo": algo,
                              "float_convs": len(result.summary["kept_float"]["conv_reasons"]),
                              **scores})
-                print(rows[-1], flush=True)
+                print({k: getattr(v, 'map50_95', v) for k, v in rows[-1].items()}, flush=True)
     where = f"{source.parent.name}/{source.name}"
     lines = [f"FP32 {fp32:.4f}; {draws} disjoint draws of {size} images from {where} "
              f"(sorted by name); weight rounding: {cfg.weight_rounding}; mAP@0.5:0.95 on the "
-             "evaluation set, (delta to FP32 in points)", machine_line(), "",
+             f"evaluation set, (delta to FP32 in points [{CI_NOTE}]; mean: the draws' mean mAP, "
+             "its interval from the same resamples)", machine_line(), "",
              "| algo | runtime | " + " | ".join(f"draw {d}" for d in range(draws)) + " | mean | std |",
              "|---|---|" + "---|" * draws + "---|---|"]
     runtimes = list(RUNTIMES.values()) + ([OPENVINO] if args.openvino else [])
     cells_of = [(algo, runtime) for algo in args.algos for runtime in runtimes]
     if "nncf" in args.peers:
         cells_of.append(("NNCF", "OpenVINO"))
+    weights = resample_weights(fp32_result.images)
     for algo, runtime in cells_of:
-        values = [r[runtime] for r in rows if r["algo"] == algo]
-        cells = " | ".join(f"{v:.4f} ({(v - fp32) * 100:+.2f})" for v in values)
-        mean = statistics.mean(values)
-        lines.append(f"| {algo} | {runtime} | {cells} | {mean:.4f} ({(mean - fp32) * 100:+.2f}) "
-                     f"| {statistics.stdev(values) * 100:.2f} |")
+        results = [r[runtime] for r in rows if r["algo"] == algo]
+        deltas = [paired_delta(fp32_result.matches, r.matches, weights=weights) for r in results]
+        mean_delta = paired_delta(fp32_result.matches, [r.matches for r in results], weights=weights)
+        cells = " | ".join(f"{r.map50_95:.4f} ({d.map50_95.points()})" for r, d in zip(results, deltas))
+        values = [r.map50_95 for r in results]
+        lines.append(f"| {algo} | {runtime} | {cells} | {statistics.mean(values):.4f} "
+                     f"({mean_delta.map50_95.points()}) | {statistics.stdev(values) * 100:.2f} |")
+        for r, d in zip([r for r in rows if r["algo"] == algo], deltas):
+            r[runtime] = {"map50_95": r[runtime].map50_95, **d.as_dict()}
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)

@@ -24,6 +24,18 @@ from yoloquant.fileio import write_json  # noqa: E402
 from yoloquant.provenance import machine, machine_line, package_versions  # noqa: E402
 from yoloquant.ptq import quantize  # noqa: E402
 from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
+from yoloquant.stats import CI_NOTE  # noqa: E402
+from yoloquant.validator import compare_to  # noqa: E402
+
+RUNTIMES = {"paddle-inference(onednn-int8)": "paddle_int8", "onnxruntime": "onnx_int8"}
+
+
+def scored(cfg, save_dir, reference, prefix: str = "") -> dict:
+    """{paddle_int8, onnx_int8} of a saved run: mAP and the paired delta to `reference`."""
+    results = evaluate_saved(cfg, save_dir)
+    compare_to(reference, results)
+    return {prefix + RUNTIMES[r.runtime]: {"map50_95": r.map50_95, **r.delta.as_dict()}
+            for r in results}
 
 
 def main() -> None:
@@ -56,40 +68,36 @@ def main() -> None:
             start = time.perf_counter()
             result = quantize(cfg, tmp)
             total = time.perf_counter() - start
-            metrics = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, tmp)}
+            metrics = scored(cfg, tmp, fp32)
             if args.heldout:
                 held = heldout_config(cfg, result.summary["calibration"]["image_ids"], work.name)
                 if heldout_fp32 is None:
                     heldout_fp32 = evaluate_backend(held, OnnxRuntimeBackend(cfg.model_dir))
-                held_metrics = {r.runtime: r.map50_95 for r in evaluate_saved(held, tmp)}
-        if args.heldout:
-            rows_extra = {"heldout_paddle_int8": held_metrics["paddle-inference(onednn-int8)"],
-                          "heldout_onnx_int8": held_metrics["onnxruntime"]}
-        else:
-            rows_extra = {}
-        rows.append({"algo": algo, **rows_extra, "paddle_int8": metrics["paddle-inference(onednn-int8)"],
-                     "onnx_int8": metrics["onnxruntime"], "ptq_seconds": result.summary["seconds"]["ptq"],
+                metrics.update(scored(held, tmp, heldout_fp32, prefix="heldout_"))
+        rows.append({"algo": algo, **metrics, "ptq_seconds": result.summary["seconds"]["ptq"],
                      "job_seconds": round(total, 1), "calibration_images": result.summary["calibration"]["images"],
                      "int8_convs": len(result.summary["quantized"]["onnx_conv_nodes"]),
                      "float_convs": len(result.summary["kept_float"]["conv_reasons"])})
         print(rows[-1], flush=True)
-    def cell(value, reference):
-        return f"{value:.4f} ({(value - reference) * 100:+.2f})"
+
+    def cell(m: dict) -> str:
+        lo, hi = m["delta_ci95"]
+        return f"{m['map50_95']:.4f} ({100 * m['delta']:+.2f} [{100 * lo:+.2f}, {100 * hi:+.2f}])"
 
     lines = [f"FP32 (ONNX Runtime): mAP@0.5:0.95 {fp32.map50_95:.4f} on {fp32.images} val images"
              + (f", {heldout_fp32.map50_95:.4f} on {heldout_fp32.images} held-out train images"
                 if heldout_fp32 else "")
              + f"; calibration: {rows[0]['calibration_images']} images; weights: "
-             f"{cfg.PTQ.weight_quantize_type}, rounding: {cfg.weight_rounding}", machine_line(), ""]
+             f"{cfg.PTQ.weight_quantize_type}, rounding: {cfg.weight_rounding}. Cells: mAP@0.5:0.95 "
+             f"(delta to FP32 in points [{CI_NOTE}])", machine_line(), ""]
     held_head = " held-out Paddle | held-out ONNX |" if heldout_fp32 else ""
     lines += ["| algo | Paddle oneDNN int8 | QDQ ONNX (ORT) |" + held_head
               + " int8 / float convs | PTQ s | whole job s |",
               "|---|---|---|" + ("---|---|" if heldout_fp32 else "") + "---|---|---|"]
     for r in rows:
-        held_cells = (f" {cell(r['heldout_paddle_int8'], heldout_fp32.map50_95)} |"
-                      f" {cell(r['heldout_onnx_int8'], heldout_fp32.map50_95)} |") if heldout_fp32 else ""
-        lines.append(f"| {r['algo']} | {cell(r['paddle_int8'], fp32.map50_95)} "
-                     f"| {cell(r['onnx_int8'], fp32.map50_95)} |{held_cells}"
+        held_cells = (f" {cell(r['heldout_paddle_int8'])} | {cell(r['heldout_onnx_int8'])} |"
+                      if heldout_fp32 else "")
+        lines.append(f"| {r['algo']} | {cell(r['paddle_int8'])} | {cell(r['onnx_int8'])} |{held_cells}"
                      f" {r['int8_convs']} / {r['float_convs']} "
                      f"| {r['ptq_seconds']:.1f} | {r['job_seconds']:.1f} |")
     table = "\n".join(lines)

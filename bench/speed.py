@@ -67,6 +67,7 @@ from yoloquant.config import Config, load_config  # noqa: E402
 from yoloquant.errors import YoloQuantError  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
 from yoloquant.provenance import machine, machine_line, package_versions, versions_of  # noqa: E402
+from yoloquant.stats import CI_NOTE, paired_delta, resample_weights  # noqa: E402
 
 log = logging.getLogger("yoloquant.bench")
 
@@ -141,6 +142,8 @@ class Candidate:
     metrics: Optional[dict] = None
     heldout: Optional[dict] = None
     error: Optional[str] = None
+    result: object = None  # validator.EvalResult (its per-image matches give the intervals)
+    heldout_result: object = None
 
 
 def candidates_for(artifacts: list[Artifact], fp32_paddle: Optional[tuple], threads: int,
@@ -351,6 +354,7 @@ def evaluate_candidates(cands: list[Candidate], cfg: Config, image_ids, work: Pa
             log.warning("%s on %s: %s", c.artifact.label, c.runtime, c.error)
             continue
         c.metrics = {"map50_95": r.map50_95, "map50": r.map50, "images": r.images}
+        c.result, c.heldout_result = r, h
         if h is not None:
             c.heldout = {"map50_95": h.map50_95, "map50": h.map50, "images": h.images}
         log.info("%s on %s: mAP@0.5:0.95 %.4f (held-out %s)", c.artifact.label, c.runtime,
@@ -366,8 +370,6 @@ def table_rows(cands: list[Candidate]) -> dict:
     fp32_cpu_best = min((float(np.median(c.cpu_times)) for c in timed
                          if c.artifact.precision == "fp32"), default=None)
     ref = next((c for c in cands if c.artifact.precision == "fp32" and c.runtime == "onnxruntime"), None)
-    fp32_map = ref.metrics["map50_95"] if ref and ref.metrics else None
-    fp32_heldout = ref.heldout["map50_95"] if ref and ref.heldout else None
     rows = []
     for c in cands:
         row = {"artifact": c.artifact.label, "precision": c.artifact.precision,
@@ -380,10 +382,15 @@ def table_rows(cands: list[Candidate]) -> dict:
             row["ratio_to_fastest_fp32"] = row["median_ms"] / fp32_best if fp32_best else None
             row["cpu_ratio_to_fastest_fp32"] = (row["cpu_median_ms"] / fp32_cpu_best
                                                 if fp32_cpu_best else None)
-        if c.metrics and fp32_map is not None:
-            row["map_delta_points"] = (c.metrics["map50_95"] - fp32_map) * 100
-        if c.heldout and fp32_heldout is not None:
-            row["heldout_delta_points"] = (c.heldout["map50_95"] - fp32_heldout) * 100
+        if ref is not None:
+            # vs FP32 on ONNX Runtime, with a paired bootstrap 95% interval over the images
+            for key, mine, base in (("map", c.result, ref.result),
+                                    ("heldout", c.heldout_result, ref.heldout_result)):
+                if mine is not None and base is not None:
+                    d = paired_delta(base.matches, mine.matches,
+                                     weights=resample_weights(base.images)).map50_95
+                    row[f"{key}_delta_points"] = d.value * 100
+                    row[f"{key}_delta_ci95_points"] = [d.lo * 100, d.hi * 100]
         rows.append(row)
     fastest = min((r for r in rows if r["precision"] == "fp32" and "median_ms" in r),
                   key=lambda r: r["median_ms"], default=None)
@@ -391,11 +398,14 @@ def table_rows(cands: list[Candidate]) -> dict:
                                                        "median_ms": fastest["median_ms"]}}
 
 
-def _map_cell(metrics: Optional[dict], delta: Optional[float], reference: bool) -> str:
+def _map_cell(metrics: Optional[dict], delta: Optional[float], ci: Optional[list],
+              reference: bool) -> str:
     if not metrics:
         return "-"
     cell = f"{metrics['map50_95']:.4f}"
-    return cell if reference or delta is None else cell + f" ({delta:+.2f})"
+    if reference or delta is None:
+        return cell
+    return cell + (f" ({delta:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}])" if ci else f" ({delta:+.2f})")
 
 
 def markdown(result: dict) -> str:
@@ -408,11 +418,13 @@ def markdown(result: dict) -> str:
         f"{machine_line(m)}; batch 1, {result['threads']} threads; "
         f"{result['rounds']} interleaved rounds after {result['warmup']} warm-up "
         f"(load average at the end {', '.join(f'{v:.1f}' for v in result['load_average'])}). "
-        f"mAP@0.5:0.95 on the val set{f' and on the {held} held-out train images' if held else ''}; "
+        f"mAP@0.5:0.95 on the val set{f' and on the {held} held-out train images' if held else ''} "
+        f"(delta to FP32 on ONNX Runtime in points; {CI_NOTE}); "
         f"calibration: {result['calibration']['images']} train images (the same for every method).",
         "",
         "| artifact | runtime | median ms | p10-p90 ms | x fastest FP32 | CPU ms | CPU x fastest "
-        "| mAP val (Δ pts) | mAP held-out (Δ pts) | quant s | int8 convs | kernels int8 / float |",
+        "| mAP val (Δ pts [95% CI]) | mAP held-out (Δ pts [95% CI]) | quant s | int8 convs "
+        "| kernels int8 / float |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -425,10 +437,12 @@ def markdown(result: dict) -> str:
         else:
             lat, spread, ratio, cpu, cpu_ratio = "failed", "-", "-", "-", "-"
         reference = r["precision"] == "fp32" and r["runtime"] == "onnxruntime"
-        acc = _map_cell(r["metrics"], r.get("map_delta_points"), reference)
+        acc = _map_cell(r["metrics"], r.get("map_delta_points"), r.get("map_delta_ci95_points"),
+                        reference)
         if acc == "-" and r["error"]:
             acc = "failed"
-        hacc = _map_cell(r.get("heldout"), r.get("heldout_delta_points"), reference)
+        hacc = _map_cell(r.get("heldout"), r.get("heldout_delta_points"),
+                         r.get("heldout_delta_ci95_points"), reference)
         k = r.get("kernels")
         kern = f"{k['int8']} / {k['float']}" if k else "-"
         qs = "-" if r["quant_seconds"] is None else f"{r['quant_seconds']:.0f}"

@@ -134,8 +134,12 @@ def test_stats_and_markdown(speed):
               "load_average": (1.0, 1.0, 1.0), "calibration": {"images": 32},
               "machine": {"cpu": "cpu", "cores": 2}, "versions": {"onnx": "1"},
               "fastest_fp32": {"runtime": "onnxruntime", "median_ms": 2.5}, "rows": [row, bad]}
+    int8 = {**row, "artifact": "INT8 y", "precision": "int8", "map_delta_points": -1.0,
+            "map_delta_ci95_points": [-2.0, 0.5], "metrics": {"map50_95": 0.29, "map50": 0.5, "images": 2}}
+    result["rows"].append(int8)
     text = speed.markdown(result)
     assert "| FP32 | onnxruntime | 2.5 | 1.3-7.9 | 1.00 | 3.0 | 1.00 | 0.3000 | - | - | 0/3 | - |" in text
+    assert "| 0.2900 (-1.00 [-2.00, +0.50]) |" in text and "paired bootstrap over images" in text
     assert "| INT8 x | openvino | failed |" in text and "RuntimeError: no" in text
     # held-out mAP, kernel counts and the per-op profile when the run has them
     row.update(heldout={"map50_95": 0.31, "map50": 0.5, "images": 134},

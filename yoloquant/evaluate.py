@@ -8,12 +8,14 @@ from typing import Optional
 from .config import Config, require
 from .errors import ConfigError
 from .fileio import write_json
-from .runtime import (OPENVINO_PIN, OnnxRuntimeBackend, OpenVinoBackend, PaddleInferenceBackend, PaddleModelFiles,
-                      open_backend)
-from .validator import Decoder, EvalResult, evaluate, postprocess_settings, preprocess_for, val_dataset
+from .runtime import (OPENVINO_PIN, OnnxRuntimeBackend, OpenVinoBackend, PaddleInferenceBackend,
+                      PaddleModelFiles, open_backend)
+from .validator import (Decoder, EvalResult, compare_to, evaluate, postprocess_settings,
+                        preprocess_for, val_dataset)
 
 log = logging.getLogger("yoloquant")
 RUNTIMES = ("onnxruntime", "openvino", "paddle", "both")
+AUTO, FP32 = "auto", "FP32"  # --reference defaults
 
 
 def convert_for(cfg: Config, dataset=None):
@@ -41,62 +43,74 @@ def evaluate_backend(cfg: Config, backend, max_images: Optional[int] = None, bat
 
 
 def format_table(rows: list[EvalResult]) -> str:
-    lines = [f"{'model':<40} {'runtime':<28} {'images':>6} {'mAP50-95':>9} {'mAP50':>7} {'sec':>7}"]
+    """The results table; rows compared to a reference (validator.compare_to) get the delta
+    in mAP@0.5:0.95 points with its paired bootstrap 95% interval."""
+    from .stats import CI_NOTE
+
+    with_delta = [r for r in rows if r.delta is not None]
+    delta_head = f" {'dmAP50-95 pts [95% CI]':>24}" if with_delta else ""
+    lines = [f"{'model':<40} {'runtime':<28} {'images':>6} {'mAP50-95':>9} {'mAP50':>7} "
+             f"{'sec':>7}{delta_head}"]
     for r in rows:
         name = r.model if len(r.model) <= 40 else "..." + r.model[-37:]
+        delta = (f" {r.delta.map50_95.points():>24}" if r.delta is not None
+                 else f" {'-':>24}" if with_delta else "")
         lines.append(f"{name:<40} {r.runtime:<28} {r.images:>6} {r.map50_95:>9.4f} "
-                     f"{r.map50:>7.4f} {r.seconds:>7.1f}")
+                     f"{r.map50:>7.4f} {r.seconds:>7.1f}{delta}")
+    if with_delta:
+        ref = with_delta[0].reference
+        lines.append(f"dmAP50-95: minus {ref['model']} ({ref['runtime']}), in points; {CI_NOTE}")
     return "\n".join(lines)
 
 
 def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Optional[str] = None,
                      batch_size: int = 1, json_out: Optional[str] = None, device: str = "cpu",
-                     max_images: Optional[int] = None, simulate: bool = False) -> list[EvalResult]:
+                     max_images: Optional[int] = None, simulate: bool = False,
+                     reference: Optional[str] = AUTO, fidelity_images: Optional[str] = None,
+                     fidelity_conf: Optional[float] = None) -> list[EvalResult]:
+    """eval.py. `reference`: a model to compare against (deltas with paired bootstrap
+    intervals), FP32 for the config's float model, none, or auto (FP32 for a post_quant.py
+    output folder, none otherwise). With `fidelity_images` the models are compared with the
+    reference on that image folder instead, without labels (yoloquant.fidelity)."""
     from .cli import load_job_config
     from .runtime import require_openvino
 
     if runtime == "openvino":
         require_openvino()  # before the config's data is prepared (the demo generates its own)
     cfg = load_job_config(config_path, device)
+    if model is not None and runtime is not None and not (
+            Path(model).suffix == ".onnx" and runtime in ("onnxruntime", "openvino")):
+        raise ConfigError("with --model, --runtime can only pick onnxruntime or openvino for an "
+                          ".onnx file; otherwise the runtime follows the model (.onnx: ONNX "
+                          "Runtime, folder: Paddle, post_quant.py output: every int8 runtime)")
+    if simulate and not is_saved_output(model):
+        raise ConfigError("--simulate applies to a post_quant.py output folder")
+    if fidelity_images is not None:
+        return fidelity_command(cfg, model, reference, fidelity_images, fidelity_conf, json_out,
+                                max_images, simulate)
+    if fidelity_conf is not None:
+        raise ConfigError("--fidelity_conf applies with --fidelity_images DIR")
     _check_inputs(cfg, model, max_images)
+    ref = open_reference(cfg, model, reference)  # a bad path fails before any evaluation
     results: list[EvalResult] = []
     if model is not None:
-        onnx_file = Path(model).suffix == ".onnx"
-        if runtime is not None and not (onnx_file and runtime in ("onnxruntime", "openvino")):
-            raise ConfigError("with --model, --runtime can only pick onnxruntime or openvino for an "
-                              ".onnx file; otherwise the runtime follows the model (.onnx: ONNX "
-                              "Runtime, folder: Paddle, post_quant.py output: every int8 runtime)")
-        if Path(model).is_dir() and (Path(model) / "summary.json").is_file():
+        if is_saved_output(model):
             # a post_quant.py output: every int8 artifact in it, on its real int8 runtime
             results.extend(evaluate_saved(cfg, model, max_images, simulate=simulate))
         else:
-            if simulate:
-                raise ConfigError("--simulate applies to a post_quant.py output folder")
             backend = OpenVinoBackend(model) if runtime == "openvino" else open_backend(model)
             r = evaluate_backend(cfg, backend, max_images, batch_size)
             r.model = str(model)
             results.append(r)
     else:
-        require(cfg, "model_dir")
-        runtime = runtime or "onnxruntime"
-        if runtime in ("onnxruntime", "both"):
-            r = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images, batch_size)
-            r.model = cfg.model_dir
-            results.append(r)
-        if runtime == "openvino":
-            r = evaluate_backend(cfg, OpenVinoBackend(cfg.model_dir), max_images, batch_size)
-            r.model = cfg.model_dir
-            results.append(r)
-        if runtime in ("paddle", "both"):
-            probe = OnnxRuntimeBackend(cfg.model_dir)
-            dataset = val_dataset(cfg, preprocess_for(cfg, probe.input_shape), max_images=1)
-            converted = convert_for(cfg, dataset)
-            backend = PaddleInferenceBackend(PaddleModelFiles(converted.model_file,
-                                                              converted.params_file))
-            r = evaluate_backend(cfg, backend, max_images, batch_size)
-            r.model = str(converted.model_dir)
-            results.append(r)
-    print(format_table(results))
+        results.extend(evaluate_float(cfg, runtime or "onnxruntime", max_images, batch_size))
+    rows = results
+    if ref is not None:
+        base = evaluate_backend(cfg, ref[1], max_images, batch_size)
+        base.model = ref[0]
+        compare_to(base, results)
+        rows = [base] + results
+    print(format_table(rows))
     if json_out:
         payload = [r.as_dict() for r in results]
         write_json(json_out, payload[0] if len(payload) == 1 else payload)
@@ -119,36 +133,141 @@ def _check_inputs(cfg: Config, model: Optional[str], max_images: Optional[int]) 
         check_eval_images(cfg, preprocess_for(cfg, shape), max_images=max_images)
 
 
+def _check_detectors(cfg: Config, *paths: Optional[str]) -> None:
+    """Before any model runs (fidelity: no labels to check): every ONNX file named, or the
+    config's float model for FP32 / no --model, is a detector of cfg.arch."""
+    from .preflight import check_model
+
+    named = [cfg.model_dir if p is None or str(p).upper() == FP32 else p for p in paths
+             if p is None or str(p).lower() != "none"]
+    for path in dict.fromkeys(named):
+        if path is not None and (Path(path).suffix == ".onnx" or Path(path).is_file()):
+            check_model(path, cfg.arch, cfg.output_layout)
+
+
+def evaluate_float(cfg: Config, runtime: str, max_images: Optional[int],
+                   batch_size: int) -> list[EvalResult]:
+    """The config's float ONNX model on ONNX Runtime (or OpenVINO) and/or its Paddle
+    conversion."""
+    require(cfg, "model_dir")
+    results = []
+    if runtime in ("onnxruntime", "both"):
+        r = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images, batch_size)
+        r.model = cfg.model_dir
+        results.append(r)
+    if runtime == "openvino":
+        r = evaluate_backend(cfg, OpenVinoBackend(cfg.model_dir), max_images, batch_size)
+        r.model = cfg.model_dir
+        results.append(r)
+    if runtime in ("paddle", "both"):
+        probe = OnnxRuntimeBackend(cfg.model_dir)
+        dataset = val_dataset(cfg, preprocess_for(cfg, probe.input_shape), max_images=1)
+        converted = convert_for(cfg, dataset)
+        backend = PaddleInferenceBackend(PaddleModelFiles(converted.model_file,
+                                                          converted.params_file))
+        r = evaluate_backend(cfg, backend, max_images, batch_size)
+        r.model = str(converted.model_dir)
+        results.append(r)
+    return results
+
+
+def is_saved_output(model: Optional[str]) -> bool:
+    return model is not None and Path(model).is_dir() and (Path(model) / "summary.json").is_file()
+
+
+def open_reference(cfg: Config, model: Optional[str], reference: Optional[str]):
+    """(label, backend) of the reference model, or None. `reference`: a model path, FP32 (the
+    config's float ONNX), none, or auto (FP32 when `model` is a post_quant.py output)."""
+    if reference == AUTO:
+        reference = FP32 if is_saved_output(model) else None
+    if reference is None or reference.lower() == "none":
+        return None
+    if reference.upper() == FP32:
+        require(cfg, "model_dir")
+        return f"FP32 {Path(cfg.model_dir).name}", OnnxRuntimeBackend(cfg.model_dir)
+    return f"reference {reference}", open_backend(reference)
+
+
+def saved_backends(save_dir: str, simulate: bool = False):
+    """(label, backend) of every int8 artifact in a post_quant.py output folder, on its real
+    int8 runtime (with `simulate`, also Paddle's float simulation of the int8 program)."""
+    save = Path(save_dir)
+    found = []
+    if list(save.glob("*.pdmodel")):
+        files = PaddleModelFiles.find(save)
+        found.append((f"INT8 {files.model_file.name}", lambda: PaddleInferenceBackend(files, int8=True)))
+        if simulate:
+            def simulation():
+                sim = PaddleInferenceBackend(files, int8=False, mkldnn=False)
+                sim.name = "paddle-fp32-simulation-of-int8"
+                return sim
+
+            found.append((f"INT8 {files.model_file.name} (SIMULATED)", simulation))
+    for onnx_file in sorted(save.glob("*.onnx")):
+        found.append((f"INT8 {onnx_file.name}", lambda f=onnx_file: OnnxRuntimeBackend(f)))
+        if have_openvino():  # the same file on OpenVINO, which runs QDQ ONNX in int8 too
+            found.append((f"INT8 {onnx_file.name}", lambda f=onnx_file: OpenVinoBackend(f)))
+        else:
+            log.info("OpenVINO is not installed: no OpenVINO row (pip install %s)", OPENVINO_PIN)
+    if not found:
+        raise ConfigError(f"{save} holds no .pdmodel or .onnx model to evaluate")
+    for label, make in found:  # opened one at a time: evaluated, then released
+        yield label, make()
+
+
 def evaluate_saved(cfg: Config, save_dir: str, max_images: Optional[int] = None,
                    simulate: bool = False) -> list[EvalResult]:
     """Evaluate a post_quant.py output folder in the real int8 runtimes it holds."""
-    save = Path(save_dir)
     rows = []
-    if list(save.glob("*.pdmodel")):
-        files = PaddleModelFiles.find(save)
-        backend = PaddleInferenceBackend(files, int8=True)
+    for label, backend in saved_backends(save_dir, simulate):
         r = evaluate_backend(cfg, backend, max_images)
-        r.model = f"INT8 {files.model_file.name}"
+        r.model = label
         rows.append(r)
-        if simulate:
-            sim = PaddleInferenceBackend(files, int8=False, mkldnn=False)
-            sim.name = "paddle-fp32-simulation-of-int8"
-            r = evaluate_backend(cfg, sim, max_images)
-            r.model = f"INT8 {files.model_file.name} (SIMULATED)"
-            rows.append(r)
-    for onnx_file in sorted(save.glob("*.onnx")):
-        r = evaluate_backend(cfg, OnnxRuntimeBackend(onnx_file), max_images)
-        r.model = f"INT8 {onnx_file.name}"
-        rows.append(r)
-        if have_openvino():  # the same file on OpenVINO, which runs QDQ ONNX in int8 too
-            r = evaluate_backend(cfg, OpenVinoBackend(onnx_file), max_images)
-            r.model = f"INT8 {onnx_file.name}"
-            rows.append(r)
-        else:
-            log.info("OpenVINO is not installed: no OpenVINO row (pip install %s)", OPENVINO_PIN)
-    if not rows:
-        raise ConfigError(f"{save} holds no .pdmodel or .onnx model to evaluate")
     return rows
+
+
+def fidelity_command(cfg: Config, model: Optional[str], reference: Optional[str], folder: str,
+                     conf: Optional[float], json_out: Optional[str], max_images: Optional[int],
+                     simulate: bool = False) -> list:
+    """eval.py --fidelity_images: every model against the reference on an unlabelled folder."""
+    from .fidelity import DEFAULT_CONF, image_folder, measure_fidelity
+    from .stats import RESAMPLES
+
+    conf = DEFAULT_CONF if conf is None else conf
+    if not 0 < conf <= 1:
+        raise ConfigError(f"--fidelity_conf must be in (0, 1], got {conf}")
+    reference = FP32 if reference == AUTO else reference
+    _check_detectors(cfg, model, reference)
+    ref = open_reference(cfg, model, reference)
+    if ref is None:
+        raise ConfigError("--fidelity_images compares with a reference: give --reference PATH or "
+                          "FP32 (the config's float model), not none")
+    if is_saved_output(model):
+        models = list(saved_backends(model, simulate))
+    elif model is not None:
+        models = [(str(model), open_backend(model))]
+    else:
+        require(cfg, "model_dir")
+        models = [(cfg.model_dir, OnnxRuntimeBackend(cfg.model_dir))]
+    images = image_folder(cfg, folder, ref[1].input_shape, max_images)
+    decoder = Decoder(cfg.output_layout, images.preprocess.input_size, postprocess_settings(cfg))
+    found = measure_fidelity(ref[1], [b for _, b in models], images, decoder, conf=conf,
+                             workers=cfg.workers, names=[label for label, _ in models])
+    print(f"fidelity against {ref[0]} on {len(images)} images of {folder} (no labels): the "
+          f"reference's {found[0].reference_boxes} detections with score >= {conf} are the ground truth")
+    print(f"{'model':<40} {'runtime':<28} {'mAP50-95 vs ref':>24} {'mAP50 vs ref':>8} {'output SNR dB':>22}")
+    for (label, backend), f in zip(models, found):
+        snr = f"{f.snr_db.value:.1f} [{f.snr_db.lo:.1f}, {f.snr_db.hi:.1f}]"
+        name = label if len(label) <= 40 else "..." + label[-37:]
+        print(f"{name:<40} {backend.name:<28} {f.map50_95.points(signed=False):>24} "
+              f"{100 * f.map50.value:>8.2f} {snr:>22}")
+    print("mAP vs ref in points (100: identical detections); SNR of the raw outputs (300: "
+          f"identical); 95% CI: bootstrap over images ({RESAMPLES} resamples, basic interval)")
+    payload = [{"model": label, "runtime": backend.name, "reference": ref[0], "fidelity": f.as_dict()}
+               for (label, backend), f in zip(models, found)]
+    if json_out:
+        write_json(json_out, payload[0] if len(payload) == 1 else payload)
+    return found
 
 
 def have_openvino() -> bool:

@@ -12,6 +12,7 @@ import numpy as np
 
 from .data import load_coco
 from .errors import DataError, ModelError
+from .stats import ImageMatches
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class CocoEvaluator:
         self._known_images = set(self.coco.getImgIds())
         self._dets: Dict[int, np.ndarray] = {}  # image id -> (M, 7) rows for COCO.loadRes
         self.report = ""
+        self.matches = None  # stats.ImageMatches of the last summarize(), for bootstrap intervals
 
     def add(self, image_id: int, dets: np.ndarray) -> None:
         """Record the detections ``(M, 6)`` [x1, y1, x2, y2, score, class] of one image, in
@@ -94,7 +96,8 @@ class CocoEvaluator:
 
         Images in ``image_ids`` never passed to :meth:`add` count as having no detections.
         Returns ``map50_95``, ``map50``, ``images``, ``detections`` and ``stats`` (the 12
-        COCOeval numbers). The pycocotools printout is kept in ``self.report``.
+        COCOeval numbers). The pycocotools printout is kept in ``self.report``, the per-image
+        matches (for paired bootstrap intervals, yoloquant.stats) in ``self.matches``.
         """
         from pycocotools.cocoeval import COCOeval
 
@@ -113,6 +116,7 @@ class CocoEvaluator:
         if rows.shape[0] == 0:
             log.warning("no detections at all on %d images: reporting mAP 0.0 (the model finds nothing)", len(ids))
             self.report = f"no detections on {len(ids)} images: mAP reported as 0.0\n"
+            self.matches = ImageMatches.without_detections(ids, self._gt_counts(ids))
             return {"map50_95": 0.0, "map50": 0.0, "images": len(ids), "detections": 0, "stats": [0.0] * 12}
 
         buffer = io.StringIO()
@@ -121,8 +125,20 @@ class CocoEvaluator:
             evaluator = COCOeval(self.coco, result_coco, iouType="bbox")
             evaluator.params.imgIds = ids
             evaluator.evaluate()
+            self.matches = ImageMatches.from_cocoeval(evaluator)
             evaluator.accumulate()
             evaluator.summarize()
         self.report = buffer.getvalue()
         stats = [float(s) for s in evaluator.stats]
         return {"map50_95": stats[0], "map50": stats[1], "images": len(ids), "detections": int(rows.shape[0]), "stats": stats}
+
+    def _gt_counts(self, ids: Sequence[int]) -> np.ndarray:
+        """(images, categories) ground-truth boxes COCOeval counts for area 'all' (not crowd)."""
+        cats = sorted(self.coco.getCatIds())
+        column = {c: j for j, c in enumerate(cats)}
+        counts = np.zeros((len(ids), len(cats)), dtype=np.int64)
+        for i, image_id in enumerate(ids):
+            for ann in self.coco.imgToAnns.get(image_id, []):
+                if not ann.get("iscrowd", 0) and 0 <= ann["area"] <= 1e5 ** 2:
+                    counts[i, column[ann["category_id"]]] += 1
+        return counts

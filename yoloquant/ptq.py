@@ -535,10 +535,12 @@ def evaluate_fp32_and_saved(cfg: Config, save_dir: str, result, max_images: Opti
     """FP32 vs every int8 artifact in save_dir; metrics are added to its summary.json."""
     from .evaluate import evaluate_backend, evaluate_saved, format_table
     from .joblog import note
+    from .validator import compare_to
 
     fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images)
     fp32.model = "FP32 " + Path(cfg.model_dir).name
     rows = [fp32] + evaluate_saved(cfg, save_dir, max_images)
+    compare_to(fp32, rows[1:])  # delta and delta_ci95 of every INT8 row, in summary.json too
     result.metrics = rows
     result.summary["metrics"] = [r.as_dict() for r in rows]
     write_json(Path(save_dir) / SUMMARY, result.summary)
@@ -573,9 +575,8 @@ def report_metrics(cfg: Config, out_dir: Path, result, max_images: Optional[int]
 
     rows = evaluate_fp32_and_saved(cfg, str(out_dir), result, max_images)
     fp32 = rows[0]
-    lines = [f"INT8 {r.runtime}: mAP@0.5:0.95 {r.map50_95:.4f} "
-             f"({(r.map50_95 - fp32.map50_95) * 100:+.2f} points vs FP32 {fp32.map50_95:.4f})"
-             for r in rows[1:]]
+    lines = [f"INT8 {r.runtime}: mAP@0.5:0.95 {r.map50_95:.4f} ({r.delta.map50_95.points()} "
+             f"points vs FP32 {fp32.map50_95:.4f}, 95% CI)" for r in rows[1:]]
     ptq_s = result.summary["seconds"].get("ptq", 0.0)
     lines.append(f"PTQ ({result.summary['algorithm']}, {result.summary['calibration']['images']} "
                  f"images): {ptq_s:.1f} s")

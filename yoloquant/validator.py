@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
@@ -15,6 +15,7 @@ from .metrics import CocoEvaluator
 from .postprocess import (PostprocessSettings, check_output_shape, decode_yolov5, decode_yolox,
                           postprocess_batch)
 from .preprocess import Preprocess, boxes_to_original
+from .stats import RESAMPLES, SEED, DeltaCI, ImageMatches, paired_delta, resample_weights
 
 log = logging.getLogger("yoloquant")
 
@@ -28,9 +29,31 @@ class EvalResult:
     runtime: str
     seconds: float
     model: str = ""
+    # set by compare_to: this row minus `reference`, with a paired bootstrap interval
+    delta: Optional[DeltaCI] = None
+    reference: Optional[dict] = None
+    # per-image COCO matches behind the scores (not serialised): what compare_to resamples
+    matches: Optional[ImageMatches] = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = {k: getattr(self, k) for k in ("map50_95", "map50", "images", "detections",
+                                             "runtime", "seconds", "model")}
+        if self.delta is not None:
+            out.update(self.delta.as_dict(), reference=self.reference)
+        return out
+
+
+def compare_to(reference: EvalResult, rows: Sequence[EvalResult], resamples: int = RESAMPLES,
+               seed: int = SEED) -> None:
+    """Set each row's delta (row - reference, mAP@0.5:0.95 and mAP@0.5) with a paired bootstrap
+    95% interval over the images; every row shares the same resamples."""
+    if reference.matches is None or any(r.matches is None for r in rows):
+        raise ValueError("compare_to needs results from validator.evaluate (per-image matches)")
+    weights = resample_weights(reference.matches.images, resamples, seed)
+    for r in rows:
+        r.delta = paired_delta(reference.matches, r.matches, weights=weights)
+        r.reference = {"model": reference.model, "runtime": reference.runtime,
+                       "map50_95": reference.map50_95, "map50": reference.map50}
 
 
 def input_hw(input_shape: Sequence) -> tuple[int, int]:
@@ -114,4 +137,4 @@ def evaluate(backend, dataset: CocoDetection, decoder: Decoder, batch_size: int 
     stats = evaluator.summarize(dataset.image_ids)
     return EvalResult(map50_95=float(stats["map50_95"]), map50=float(stats["map50"]),
                       images=len(dataset), detections=int(stats["detections"]),
-                      runtime=backend.name, seconds=round(seconds, 2))
+                      runtime=backend.name, seconds=round(seconds, 2), matches=evaluator.matches)
