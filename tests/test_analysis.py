@@ -129,7 +129,7 @@ def test_tiny_model_proxy_only_ranks_without_map(tiny):
     snr = [r["snr_quant_only_db"] for r in result.rows]
     assert snr == sorted(snr)  # the noisiest conv first
     assert all(r["map_quant_only"] is None and r["snr_float_only_db"] is None for r in result.rows)
-    assert "ranked by the proxy" in (save / RANK_TXT).read_text()
+    assert "analysis_proxy_only: sensitivity = alone" in (save / RANK_TXT).read_text()
     assert_png(save / RANK_PNG)
 
 
@@ -267,6 +267,7 @@ def test_yolov5n_target_model_meets_the_target(yolov5n_runs):
     from yoloquant.runtime import OnnxRuntimeBackend
 
     from yoloquant.analysis import load_calibration
+    from yoloquant.analysis.measure import RANK_LAYOUT
     from yoloquant.ptq import build_qdq
 
     root, whole, _, _ = yolov5n_runs
@@ -280,7 +281,7 @@ def test_yolov5n_target_model_meets_the_target(yolov5n_runs):
     nodes = [r["onnx_node"] for r in whole.rows]
     import onnx
 
-    onnx.save(build_qdq(cal, nodes), str(root / "analysed_float.onnx"))
+    onnx.save(build_qdq(cal, nodes, backend=RANK_LAYOUT), str(root / "analysed_float.onnx"))
     reachable = evaluate_backend(cfg, OnnxRuntimeBackend(root / "analysed_float.onnx"),
                                  max_images=5).map50_95
     target = math.floor(min(max(reachable, whole.reference["int8_map"]),

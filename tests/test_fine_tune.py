@@ -77,11 +77,66 @@ def test_learned_rounding_on_tiny_model(tiny, tmp_path, level, simulate):
         assert len(result.units) == 3
 
 
+def test_quantized_inputs_come_from_the_model_quantized_so_far(tiny, tmp_path):
+    """recon_input: quantized: unit k is learned on the input the QDQ model gives once units
+    0..k-1 carry their learned rounding (not the round-to-nearest model's input), and the
+    result lowers the whole model's output error against float."""
+    import dataclasses
+
+    from yoloquant.ptq import build_qdq
+    from yoloquant.reconstruct import crop_positions, quantized_crops
+
+    root, raw = tiny
+    cfg = config_from_dict(dict(raw, deploy_backend="openvino"))  # every conv int8
+    cal = calibrate(cfg, tmp_path / "cal", "avg")
+
+    def model_with(ints):
+        params = [dataclasses.replace(p, quantized_weight=ints[p.node_name]) if p.node_name in ints
+                  else p for p in cal.conv_params]
+        return build_qdq(dataclasses.replace(cal, conv_params=params))
+
+    seen = []
+
+    def quantized_so_far(ints):
+        seen.append(dict(ints))
+        return model_with(ints)
+
+    settings = ReconSettings(input_source="quantized", epochs=40, lr=0.05)
+    result = reconstruct(cal.onnx_model, cal.conv_params, cal.images, cal.converted.onnx_input_name,
+                         settings, quantized_so_far=quantized_so_far, progress=False)
+    assert [sorted(s) for s in seen] == [[], ["conv0"], ["conv0", "conv1"]]
+    # what unit 2 (the head conv) was given: the model with conv0 and conv1 learned, which
+    # differs from the round-to-nearest model's input
+    units = build_units(cal.onnx_model, ["conv0", "conv1", "head"], "layer-wise", 6)
+    positions = crop_positions(units, len(cal.images), settings)
+    from yoloquant.reconstruct import collect_crops
+
+    float_crops = collect_crops(units, cal.onnx_model, cal.images, cal.converted.onnx_input_name,
+                                settings, progress=False)
+    name = cal.converted.onnx_input_name
+    learned = quantized_crops(units[2], model_with({k: result.ints[k] for k in ("conv0", "conv1")}),
+                              cal.images, name, settings, positions[2], float_crops[2])
+    rtn = quantized_crops(units[2], model_with({}), cal.images, name, settings, positions[2],
+                          float_crops[2])
+    assert not np.array_equal(learned.x, rtn.x) and np.array_equal(learned.x_float, rtn.x_float)
+    assert not np.array_equal(learned.x, float_crops[2].x_float)
+    # end to end: the learned model is closer to float than round-to-nearest
+    def outputs(model):
+        backend = OnnxRuntimeBackend.from_model(model)
+        return np.concatenate([backend(img[None]) for img in cal.images])
+
+    ref = outputs(cal.onnx_model)
+    err = {k: np.abs(outputs(m) - ref).mean()
+           for k, m in (("rtn", model_with({})), ("learned", model_with(result.ints)))}
+    assert err["learned"] < err["rtn"], err
+
+
 def test_fine_tune_job_exports_learned_weights_to_both_runtimes(tiny):
     root, raw = tiny
     # the openvino layout runs every conv in int8 (onnxruntime's keeps the image and head convs
     # float), so all three convs' learned weights are in the QDQ ONNX
-    cfg = config_from_dict(dict(raw, recon_images=4, deploy_backend="openvino"))
+    # (no guard here: this is about the export; the guard has its own tests)
+    cfg = config_from_dict(dict(raw, recon_images=4, deploy_backend="openvino", recon_guard_images=0))
     out = root / "ft_out"
     fine_tune(cfg, out, settings_from(cfg, "layer-wise", False, epochs=40, lr=0.05, limit=6), progress=False)
     summary = json.loads((out / SUMMARY).read_text())
@@ -238,3 +293,55 @@ def test_bias_correction_after_learned_rounding_reaches_both_runtimes(tiny):
         onnx_bias = inits[dq.input[0]].astype(np.float64) * inits[dq.input[1]].astype(np.float64)
         step = np.max(inits[dq.input[1]])
         np.testing.assert_allclose(onnx_bias, corrected[bias], atol=step, err_msg=conv)
+
+
+def test_guard_split_holds_out_the_last_calibration_images():
+    from yoloquant.recon_guard import split_guard_images
+
+    images = [np.full((1,), i) for i in range(32)]
+    learn, guard = split_guard_images(images, 8)
+    assert [int(x[0]) for x in guard] == list(range(24, 32)) and len(learn) == 24
+    learn, guard = split_guard_images(images[:6], 8)  # few images: a quarter is held out
+    assert len(guard) == 1 and len(learn) == 5
+    assert split_guard_images(images, 0) == (images, [])
+    with pytest.raises(ConfigError, match="recon_guard_images must be >= 0"):
+        split_guard_images(images, -1)
+
+
+def test_guard_deploys_round_to_nearest_when_learned_rounding_is_worse(tiny, monkeypatch):
+    """A reconstruction whose result is further from float on the held-out calibration images
+    (here: its int8 weights negated) is not deployed: both artifacts keep round-to-nearest
+    weights and summary.json says why."""
+    import dataclasses
+
+    import yoloquant.reconstruct as reconstruct_module
+
+    real = reconstruct_module.reconstruct
+
+    def broken(*args, **kwargs):
+        result = real(*args, **kwargs)
+        result.ints = {k: (-v).astype(v.dtype) for k, v in result.ints.items()}
+        result.conv_params = [dataclasses.replace(p, quantized_weight=result.ints[p.node_name])
+                              if p.node_name in result.ints else p for p in result.conv_params]
+        return result
+
+    monkeypatch.setattr(reconstruct_module, "reconstruct", broken)
+    root, raw = tiny
+    cfg = config_from_dict(dict(raw, deploy_backend="openvino", recon_guard_images=2))
+    out = root / "guarded"
+    fine_tune(cfg, out, settings_from(cfg, "layer-wise", False, epochs=5, lr=0.05, limit=6),
+              progress=False)
+    rec = json.loads((out / SUMMARY).read_text())["reconstruction"]
+    guard = rec["guard"]
+    assert rec["deployed"] == "round-to-nearest" and not guard["deploy_learned"]
+    assert guard["images"] == 2 and rec["images"] == 4  # 6 calibration images: 4 + 2
+    assert guard["learned"]["snr_db"] < guard["round_to_nearest"]["snr_db"]
+    assert rec["paddle_weights_written"] == 0
+    # the QDQ ONNX holds round-to-nearest weights: the same file a plain PTQ run writes
+    from yoloquant.ptq import quantize
+
+    plain = root / "plain_ptq"
+    quantize(cfg, plain)
+    ints = lambda d: sorted(numpy_helper.to_array(i).tobytes() for i in onnx.load(str(d / QDQ_ONNX)).graph.initializer  # noqa: E731
+                            if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4)
+    assert ints(out) == ints(plain)

@@ -32,6 +32,7 @@ log = logging.getLogger("yoloquant")
 ARCHES = ("YOLOv5", "YOLOv6", "YOLOv7", "YOLOX")
 PTQ_ALGOS = ("KL", "hist", "avg", "mse", "emd", "abs_max", "ptf")
 WEIGHT_ROUNDINGS = ("nearest", "gptq")
+ANALYSIS_METRICS = ("noise", "map")
 # the QDQ ONNX layouts (yoloquant/qdq/rules.py RULES, plus the earlier conv-only one); kept here
 # as literals so the config module imports nothing heavy
 DEPLOY_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "conv_only")
@@ -138,14 +139,23 @@ class Config:
     get_target_quant_model: bool = _key(False, "search for a model meeting target_metric")
     target_metric: Optional[float] = _key(None, "mAP@0.5:0.95 the searched model must reach")
     plot_hist: bool = _key(True, "draw weight histograms")
-    analysis_max_images: Optional[int] = _key(20, "evaluation images (the first N) every mAP of "
-                                              "analysis.py is measured on; null: val_max_images "
-                                              "or all")
-    analysis_proxy_images: int = _key(4, "evaluation images (the first N) the fast proxy, the "
-                                      "SNR of the head outputs against float, is measured on")
-    analysis_proxy_only: bool = _key(False, "rank layers by the proxy alone, with no per-layer "
-                                     "mAP (several times faster; trust it where analysis.txt "
-                                     "reports a high Spearman correlation for a similar model)")
+    analysis_metric: str = _key("noise", "what ranks the convs: noise = how much of the all-int8 "
+                                "model's head-output noise (against float) each conv accounts "
+                                "for, measured both ways (only it int8; every conv int8 but it); "
+                                "no labels needed and reproducible (split_half_spearman in "
+                                "analysis.txt; mAP on 109 images is not); map = the mAP drop and "
+                                "gain both ways on the labelled analysis images",
+                                ANALYSIS_METRICS)
+    analysis_max_images: Optional[int] = _key(64, "evaluation images (the first N) analysis.py "
+                                              "measures on: the head noise of every variant, the "
+                                              "mAP of the float, all-int8 and target models "
+                                              "(and of every variant with analysis_metric: map); "
+                                              "null: val_max_images or all")
+    analysis_proxy_images: int = _key(4, "with analysis_metric: map, the evaluation images (the "
+                                      "first N) the fast proxy, the SNR of the head outputs "
+                                      "against float, is measured on (with noise: all of them)")
+    analysis_proxy_only: bool = _key(False, "rank layers by the noise each adds alone (one "
+                                     "variant per conv instead of two; about twice as fast)")
     analysis_layers: Optional[list] = _key(None, "analyse only these convs (Paddle weight names "
                                            "like conv2d_12.w_0, or ONNX Conv node names); null: "
                                            "every quantized conv")
@@ -157,12 +167,18 @@ class Config:
                             "activation-aware rounding)")
     recon_images: Optional[int] = _key(None, "calibration images used for reconstruction (the "
                                        "first N; null: all PTQ.batch_nums x PTQ.batch_size)")
+    recon_guard_images: int = _key(8, "calibration images (the last N) held out of "
+                                   "reconstruction to judge it: the learned rounding is deployed "
+                                   "only if the model is no further from float on them than with "
+                                   "round-to-nearest weights (output SNR, yoloquant/recon_guard.py); "
+                                   "0: no guard")
     recon_lambda: float = _key(0.01, "weight of AdaRound's rounding regulariser")
     recon_beta: list = _key([20.0, 2.0], "[start, end] of the regulariser's annealed beta")
     recon_warmup: float = _key(0.2, "fraction of iterations without the regulariser")
     recon_input: str = _key("float", "input each layer/region is reconstructed on: the float "
-                            "network's, or the round-to-nearest PTQ model's (one more pass; "
-                            "also learns to absorb earlier layers' error)", ("float", "quantized"))
+                            "network's, or the deployed QDQ model's with the rounding learned "
+                            "so far (one pass per layer/region; each also learns to absorb the "
+                            "error of the layers before it)", ("float", "quantized"))
     # conversion
     cache_dir: Optional[str] = _key(None, "X2Paddle conversion cache; null: $YOLOQUANT_CACHE or "
                                     "./cache/x2paddle")

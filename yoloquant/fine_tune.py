@@ -19,6 +19,7 @@ from .errors import ConfigError
 from .fileio import staging_dir, write_json
 from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, build_qdq, calibrate,
                   check_artifacts, run_summary)
+from .recon_guard import judge, split_guard_images
 from .reconstruct import ReconSettings
 
 log = logging.getLogger("yoloquant")
@@ -67,12 +68,27 @@ def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Op
     cal = calibrate(dataclasses.replace(cfg, conv_bias_correction=False,
                                         weight_rounding="nearest"), out_dir, algo)
     skipped = {cal.paddle_to_onnx[w] for w in cal.user_skip if w in cal.paddle_to_onnx}
-    quant_model = build_qdq(cal, skipped, activation_type) if settings.input_source == "quantized" else None
+    recon_images, guard_images = split_guard_images(cal.images, cfg.recon_guard_images)
+
+    def quantized_so_far(ints: dict) -> onnx.ModelProto:
+        """The deployed QDQ model with the rounding learned so far (recon_input: quantized)."""
+        params = [dataclasses.replace(p, quantized_weight=ints[p.node_name]) if p.node_name in ints
+                  else p for p in cal.conv_params]
+        return build_qdq(dataclasses.replace(cal, conv_params=params), skipped, activation_type)
+
     with cal.timer("reconstruction"):
-        result = reconstruct(cal.onnx_model, cal.conv_params, cal.images, cal.converted.onnx_input_name,
-                             settings, float_nodes=skipped, quant_model=quant_model,
-                             cache_dir=recon_cache_dir(cfg), progress=progress)
-    cal.conv_params = result.conv_params
+        result = reconstruct(cal.onnx_model, cal.conv_params, recon_images,
+                             cal.converted.onnx_input_name, settings, float_nodes=skipped,
+                             quantized_so_far=quantized_so_far, cache_dir=recon_cache_dir(cfg),
+                             progress=progress)
+    verdict = None
+    if guard_images:
+        with cal.timer("guard"):
+            verdict = judge(cal.onnx_model, quantized_so_far({}), quantized_so_far(result.ints),
+                            guard_images, _decoder(cfg, cal))
+    ints = result.ints if verdict is None or verdict.deploy_learned else {}
+    if ints:
+        cal.conv_params = result.conv_params
     shifts = {}
     if cfg.conv_bias_correction:
         with cal.timer("bias_correction"):
@@ -82,7 +98,7 @@ def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Op
     with cal.timer("paddle_export"):
         to_paddle = cal.onnx_to_paddle()
         written = write_paddle_weights(out_dir / PADDLE_MODEL,
-                                       {to_paddle[name]: q for name, q in result.ints.items()})
+                                       {to_paddle[name]: q for name, q in ints.items()})
         if shifts:
             add_to_paddle_params(out_dir / PADDLE_MODEL, shifts)
     summary = run_summary(cal, activation_type, started, "fine_tune", float_nodes=skipped)
@@ -90,6 +106,9 @@ def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Op
     summary["reconstruction"]["paddle_weights_written"] = written
     summary["reconstruction"]["bias_corrected_convs"] = len(shifts)
     summary["reconstruction"]["paddle_to_onnx"] = dict(cal.paddle_to_onnx)
+    summary["reconstruction"]["images"] = min(len(recon_images), settings.images or len(recon_images))
+    summary["reconstruction"]["guard"] = verdict.as_dict() if verdict else None
+    summary["reconstruction"]["deployed"] = "learned" if ints else "round-to-nearest"
     with cal.timer("check_artifacts"):
         summary["artifacts_ran"] = check_artifacts(out_dir, cal)
     write_json(out_dir / SUMMARY, summary)
@@ -98,6 +117,13 @@ def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Op
              "way, %.0f s", settings.recon_level, rs["units"], rs["loss_before_total"],
              rs["loss_after_total"], 100 * rs["changed_fraction"], cal.timer.seconds.get("reconstruction", 0))
     return PostQuantResult(out_dir, summary)
+
+
+def _decoder(cfg: Config, cal):
+    from .validator import Decoder, postprocess_settings, preprocess_for
+
+    preprocess = preprocess_for(cfg, cal.converted.input_shape)
+    return Decoder(cfg.output_layout, preprocess.input_size, postprocess_settings(cfg))
 
 
 def correct_biases_after_reconstruction(cal, float_nodes) -> dict:

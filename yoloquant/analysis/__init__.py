@@ -24,14 +24,14 @@ Every finished layer is checkpointed (JSON, atomic) together with the calibratio
 """
 from .checkpoint import load_calibration, save_calibration
 from .files import (CALIBRATED_MODEL, CALIBRATION, CHECKPOINT, HIST_PNG, PROXY_PNG, RANK_CSV,
-                    RANK_JSON, RANK_PNG, RANK_TXT, SKIP_YAML, STAT_CSV, TARGET_DIR)
+                    RANK_JSON, RANK_PNG, RANK_TXT, SKIP_YAML, SPLIT_PNG, STAT_CSV, TARGET_DIR)
 from .job import AnalysisResult, analysis_command, interrupted_note, run_analysis
-from .measure import Runner, head_tensors, noise_ratio, snr_db
+from .measure import Runner, halves, head_tensors, snr_db
 from .ranking import spearman
 from .target import find_target_model, search_prefix
 
 __all__ = ["AnalysisResult", "CALIBRATED_MODEL", "CALIBRATION", "CHECKPOINT", "HIST_PNG",
            "PROXY_PNG", "RANK_CSV", "RANK_JSON", "RANK_PNG", "RANK_TXT", "Runner", "SKIP_YAML",
-           "STAT_CSV", "TARGET_DIR", "analysis_command", "find_target_model", "head_tensors",
-           "interrupted_note", "load_calibration", "noise_ratio", "run_analysis",
+           "SPLIT_PNG", "STAT_CSV", "TARGET_DIR", "analysis_command", "find_target_model", "head_tensors",
+           "interrupted_note", "load_calibration", "halves", "run_analysis",
            "save_calibration", "search_prefix", "snr_db", "spearman"]

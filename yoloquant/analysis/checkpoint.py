@@ -15,8 +15,7 @@ from ..fileio import atomic_write, write_json
 from ..provenance import Timer
 from .files import CALIBRATED_MODEL
 
-
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: per-half results, head noise on every analysis image
 
 # the config keys the measured numbers depend on (plus every PTQ key): a checkpoint is resumed
 # only when they are unchanged; other keys (target, plots, paths of outputs...) may change
@@ -25,7 +24,7 @@ _FINGERPRINTED = ("arch", "dataset_dir", "train_image_dir", "train_anno_path", "
                   "pad_mode", "pad_value", "channel_order", "pixel_scale", "conf_thres",
                   "iou_thres", "multi_label", "max_det", "skip_tensor_list",
                   "analysis_max_images", "analysis_proxy_images", "analysis_proxy_only",
-                  "analysis_layers")
+                  "analysis_layers", "analysis_metric")
 
 
 def _plain(value):

@@ -23,7 +23,8 @@ class EvalImages:
     anno_path: Path
     category_ids: list
     decoder: Decoder
-    proxy_count: int  # the first images also used for the proxy
+    proxy_count: int  # the first images the proxy (metric map) and the statistics use
+    noise_count: int  # the first images the head noise is measured on
     scored_classes: np.ndarray  # model class indices with ground truth in these images
 
     def __len__(self) -> int:
@@ -57,6 +58,7 @@ def load_eval_images(cfg: Config, input_shape) -> EvalImages:
     coco = dataset.coco
     with_gt = {coco.anns[a]["category_id"] for a in coco.getAnnIds(imgIds=ids)}
     scored = np.array([i for i, c in enumerate(dataset.category_ids) if c in with_gt], dtype=np.int64)
+    noise = len(tensors) if cfg.analysis_metric == "noise" else proxy
     return EvalImages(tensors, infos, ids, dataset.anno_path, dataset.category_ids, decoder,
-                      proxy, scored)
+                      proxy, noise, scored)
 

@@ -20,9 +20,9 @@ from ..runtime import OnnxRuntimeBackend, default_threads
 from .checkpoint import (CHECKPOINT_FORMAT, _fingerprint, _fingerprint_diff, load_calibration,
                          save_calibration)
 from .files import (CALIBRATION, CHECKPOINT, HIST_PNG, PROXY_PNG, RANK_CSV, RANK_JSON, RANK_PNG,
-                    RANK_TXT, SKIP_YAML, STAT_CSV, TARGET_DIR)
+                    RANK_TXT, SKIP_YAML, SPLIT_PNG, STAT_CSV, TARGET_DIR)
 from .images import load_eval_images
-from .measure import RANK_LAYOUT, Runner, _QuietQDQ, head_tensors, noise_ratio, snr_db
+from .measure import RANK_LAYOUT, Runner, _QuietQDQ, head_tensors, snr_db
 from .ranking import correlations, rank_layers
 from .report import _pt, _short, _write_outputs
 from .statistics import layer_statistics
@@ -120,18 +120,21 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
     heads = head_tensors(cal.onnx_model)
     # two variants at a time, each on half the cores: forward passes overlap NMS and COCOeval
     cores = threads or default_threads()
-    runner = Runner(images, heads, max(1, cores // PARALLEL_VARIANTS))
     solo = Runner(images, heads, cores)  # one measurement at a time (ORT: same numbers)
-    float_run = solo.measure(cal.onnx_model, with_map=checkpoint is None)
-    if checkpoint is None:
-        with timer("reference"):
+    with timer("reference"):
+        solo.reference = solo.reference_of(cal.onnx_model)
+        runner = Runner(images, heads, max(1, cores // PARALLEL_VARIANTS), solo.reference)
+        if checkpoint is None:
+            float_run = solo.measure(cal.onnx_model, with_map=True)
             int8_run = solo.measure(build_qdq(cal, backend=RANK_LAYOUT), with_map=True)
-        reference = {"float_map": float_run.map50_95, "float_map50": float_run.map50,
-                     "int8_map": int8_run.map50_95, "int8_map50": int8_run.map50,
-                     "int8_nsr": noise_ratio(float_run.heads, int8_run.heads)}
-        layers = _resolve_layers(cfg, cal)
+            reference = {"float_map": float_run.map50_95, "float_map50": float_run.map50,
+                         "float_map_halves": solo.map_halves(float_run),
+                         "int8_map": int8_run.map50_95, "int8_map50": int8_run.map50,
+                         "int8_map_halves": solo.map_halves(int8_run),
+                         "int8_nsr": solo.nsr(int8_run), "int8_nsr_halves": solo.nsr_halves(int8_run)}
+    if checkpoint is None:
         checkpoint = {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint,
-                      "reference": reference, "layers": layers, "results": {},
+                      "reference": reference, "layers": _resolve_layers(cfg, cal), "results": {},
                       "calibration": CALIBRATION}
         write_json(save / CHECKPOINT, checkpoint)
     reference, layers = checkpoint["reference"], checkpoint["layers"]
@@ -142,13 +145,13 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
     quiet = _QuietQDQ()
     log.addFilter(quiet)
     try:
-        return _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, timer,
+        return _sweep_and_report(cfg, cal, images, runner, solo, checkpoint, timer,
                                  started, stop_after, progress, threads)
     finally:
         log.removeFilter(quiet)
 
 
-def _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, timer, started,
+def _sweep_and_report(cfg, cal, images, runner, solo, checkpoint, timer, started,
                       stop_after, progress, threads) -> AnalysisResult:
     from ..progress import Progress
     from ..ptq import build_qdq
@@ -156,7 +159,8 @@ def _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, tim
     save = Path(cfg.save_dir)
     reference, layers, results = checkpoint["reference"], checkpoint["layers"], checkpoint["results"]
     all_nodes = [p.node_name for p in cal.conv_params]
-    with_map = not cfg.analysis_proxy_only
+    with_map = cfg.analysis_metric == "map" and not cfg.analysis_proxy_only
+    both = not cfg.analysis_proxy_only  # the float-only direction too
     todo = [n for n in layers if n not in results]
     if stop_after is not None:
         todo = todo[:stop_after]
@@ -169,40 +173,33 @@ def _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, tim
         for count, node in enumerate(todo, 1):
             t0 = time.perf_counter()
             models = [build_qdq(cal, [n for n in all_nodes if n != node], backend=RANK_LAYOUT)]
-            if with_map:  # the proxy needs the quant-only direction alone
+            if both:  # proxy_only: the quant-only direction alone
                 models.append(build_qdq(cal, [node], backend=RANK_LAYOUT))
             runs = list(pool.map(lambda m: runner.measure(m, with_map), models))
-            only, but = runs[0], runs[-1] if with_map else None
-            results[node] = {"map_quant_only": only.map50_95,
-                             "map_float_only": but.map50_95 if but else None,
-                             "nsr_quant_only": noise_ratio(float_run.heads, only.heads),
-                             "nsr_float_only": noise_ratio(float_run.heads, but.heads) if but else None,
-                             "seconds": round(time.perf_counter() - t0, 2)}
+            results[node] = _directions(runner, runs[0], runs[1] if both else None)
+            results[node]["seconds"] = round(time.perf_counter() - t0, 2)
             write_json(save / CHECKPOINT, checkpoint)  # after every layer: a kill loses one
             bar.update(1)
             done = len(results)
             per = (time.perf_counter() - sweep_start) / count
             r = results[node]
             log.info("[%d/%d] %s (%s): %s; ETA %.0f s", done, len(layers), names.get(node, "?"),
-                     _short(node),
-                     (f"mAP {_pt(r['map_quant_only'] - reference['float_map'])} pt vs float "
-                      f"with it alone int8, {_pt(r['map_float_only'] - reference['int8_map'])} pt "
-                      "vs all-int8 with it alone float, " if with_map else "")
-                     + f"head SNR {snr_db(r['nsr_quant_only']):.1f} dB int8 alone",
-                     per * (len(layers) - done))
+                     _short(node), _layer_line(r, reference), per * (len(layers) - done))
     timer.seconds["sweep"] = round(time.perf_counter() - sweep_start, 2)
     if len(results) < len(layers):
         log.info("stopped after %d of %d layers; run again with --resume to continue",
                  len(results), len(layers))
         return AnalysisResult(save, False, reference=reference, seconds=timer.seconds)
 
-    rows = rank_layers(results, layers, reference, names, cfg.analysis_proxy_only)
+    rows = rank_layers(results, layers, reference, names, cfg.analysis_metric,
+                       cfg.analysis_proxy_only)
     rho = correlations(rows)
     with timer("statistics"):
         stats = layer_statistics(cal, layers, images, threads)
     meta = {"model": cfg.model_dir, "model_name": Path(cfg.model_dir).name,
             "eval_images": len(images), "anno_path": str(images.anno_path),
-            "proxy_images": images.proxy_count, "algo": cal.algo,
+            "proxy_images": images.proxy_count, "noise_images": images.noise_count,
+            "metric": cfg.analysis_metric, "proxy_only": cfg.analysis_proxy_only, "algo": cal.algo,
             "calib_images": len(cal.image_ids)}
     result = AnalysisResult(save, True, rows, reference, rho, seconds=timer.seconds)
     with timer("outputs"):
@@ -213,6 +210,33 @@ def _sweep_and_report(cfg, cal, images, runner, solo, float_run, checkpoint, tim
     timer.seconds["total"] = round(time.perf_counter() - started, 2)
     _write_outputs(cfg, cal, result, stats, meta, result.target, figures=False)
     return result
+
+
+def _directions(runner: Runner, only, but) -> dict:
+    """One conv's checkpointed result: head noise (all images, and each half) and, where
+    measured, mAP both ways. only: the model with only this conv int8; but: every conv int8
+    but this one (None with analysis_proxy_only)."""
+    r = {"map_quant_only": only.map50_95, "map_quant_only_halves": runner.map_halves(only),
+         "nsr_quant_only": runner.nsr(only), "nsr_quant_only_halves": runner.nsr_halves(only),
+         "map_float_only": None, "map_float_only_halves": None,
+         "nsr_float_only": None, "nsr_float_only_halves": None}
+    if but is not None:
+        r.update(map_float_only=but.map50_95, map_float_only_halves=runner.map_halves(but),
+                 nsr_float_only=runner.nsr(but), nsr_float_only_halves=runner.nsr_halves(but))
+    return r
+
+
+def _layer_line(r: dict, reference: dict) -> str:
+    parts = []
+    if r["map_quant_only"] is not None:
+        parts.append(f"mAP {_pt(r['map_quant_only'] - reference['float_map'])} pt vs float with "
+                     f"it alone int8, {_pt(r['map_float_only'] - reference['int8_map'])} pt vs "
+                     "all-int8 with it alone float")
+    parts.append(f"head SNR {snr_db(r['nsr_quant_only']):.1f} dB with it alone int8")
+    if r["nsr_float_only"] is not None:
+        removed = 1 - r["nsr_float_only"] / reference["int8_nsr"] if reference["int8_nsr"] else 0
+        parts.append(f"{100 * removed:.1f}% of the all-int8 noise gone with it alone float")
+    return ", ".join(parts)
 
 
 def analysis_command(config_path: str, device: str = "cpu", resume: bool = False) -> AnalysisResult:
@@ -254,6 +278,7 @@ def _print_outputs(cfg: Config, result: AnalysisResult) -> None:
         print((save / SKIP_YAML).read_text())
     print(f"outputs in {save}: {RANK_TXT}, {RANK_CSV}, {RANK_JSON}, {STAT_CSV}, {RANK_PNG}"
           + (f", {HIST_PNG}" if cfg.plot_hist else "")
-          + (f", {PROXY_PNG}" if not cfg.analysis_proxy_only else "")
+          + (f", {PROXY_PNG}" if result.spearman.get("proxy_vs_map") is not None else "")
+          + (f", {SPLIT_PNG}" if result.spearman.get("split_half") is not None else "")
           + (f", {SKIP_YAML}, {TARGET_DIR}/" if result.target else "") + f", {joblog.RUN_LOG}")
 
