@@ -49,6 +49,13 @@ def test_prefix_bisection_finds_smallest_prefix_with_few_evaluations():
     assert search_prefix(evaluate, 60, 0.29, {0: 0.30})[0] == 0
 
 
+def test_target_drop_is_points_below_the_float_map():
+    from yoloquant.analysis.target import target_of
+
+    assert target_of(config_from_dict({"target_drop": 1.5}), 0.3100) == pytest.approx(0.2950)
+    assert target_of(config_from_dict({"target_metric": 0.29}), 0.3100) == 0.29
+
+
 def test_spearman_matches_scipy_and_handles_degenerate_input():
     from scipy.stats import spearmanr
 
@@ -152,7 +159,7 @@ def test_tiny_model_target_above_float_is_refused(tiny):
                                 target_metric=0.9))
     with pytest.raises(ConfigError, match="above the float model's mAP"):
         run_analysis(cfg, resume=True, progress=False)
-    with pytest.raises(ConfigError, match="target_metric is null"):
+    with pytest.raises(ConfigError, match="target_metric and target_drop are null"):
         run_analysis(config_from_dict(dict(raw, save_dir=str(save), get_target_quant_model=True)),
                      resume=True, progress=False)
 

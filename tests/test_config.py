@@ -77,6 +77,8 @@ def test_string_none_reads_as_null_with_one_warning(tmp_path, caplog):
     ("arch: YOLOv9\n", "choose one of YOLOv5"),
     ("input_size: [640]\n", r"\[height, width\]"),
     ("target_metric: 42.4\n", "fraction"),
+    ("target_metric: 0.3\ntarget_drop: 1.0\n", "not both"),
+    ("target_drop: 150\n", "points below float"),
     ("model_dir: ${NO_SUCH_VARIABLE_X}/m.onnx\n", "unset environment variable"),
 ])
 def test_bad_values_are_rejected_with_a_reason(tmp_path, text, message):

@@ -136,8 +136,12 @@ class Config:
     # analysis (analysis.py)
     save_dir: Optional[str] = _key(None, "analysis output folder")
     fast_val_anno_path: Optional[str] = _key(None, "small annotation file for faster analysis")
-    get_target_quant_model: bool = _key(False, "search for a model meeting target_metric")
+    get_target_quant_model: bool = _key(False, "search for a model meeting target_metric or target_drop")
     target_metric: Optional[float] = _key(None, "mAP@0.5:0.95 the searched model must reach")
+    target_drop: Optional[float] = _key(None, "instead of target_metric: the mAP@0.5:0.95 points "
+                                        "the searched model may lose against the float model on "
+                                        "the analysis images (e.g. 1.0); unlike an absolute mAP "
+                                        "it means the same on any image set")
     plot_hist: bool = _key(True, "draw weight histograms")
     analysis_metric: str = _key("noise", "what ranks the convs: noise = how much of the all-int8 "
                                 "model's head-output noise (against float) each conv accounts "
@@ -311,6 +315,12 @@ def _validate(cfg: Config) -> Config:
         raise ConfigError("config: analysis_max_images must be at least 1 (or null: all images)")
     if cfg.analysis_proxy_images < 1:
         raise ConfigError("config: analysis_proxy_images must be at least 1")
+    if cfg.target_metric is not None and cfg.target_drop is not None:
+        raise ConfigError("config: give target_metric (an mAP) or target_drop (points below "
+                          "float), not both")
+    if cfg.target_drop is not None and not 0.0 <= cfg.target_drop < 100.0:
+        raise ConfigError(f"config: target_drop is in mAP points below float, e.g. 1.0; got "
+                          f"{cfg.target_drop}")
     if cfg.target_metric is not None and not 0.0 < cfg.target_metric <= 1.0:
         raise ConfigError("config: target_metric is a mAP@0.5:0.95 fraction in (0, 1], "
                           f"got {cfg.target_metric}")

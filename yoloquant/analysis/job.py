@@ -76,7 +76,8 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
     from ..ptq import build_qdq, calibrate
 
     require(cfg, "model_dir", "save_dir")
-    if cfg.get_target_quant_model and cfg.target_metric is None:  # fail now, not after the sweep
+    if cfg.get_target_quant_model and cfg.target_metric is None and cfg.target_drop is None:
+        # fail now, not after the sweep
         raise ConfigError(TARGET_MISSING)
     timer = Timer()
     started = time.perf_counter()

@@ -45,15 +45,25 @@ def search_prefix(evaluate: Callable[[int], float], n: int, target: float,
             lo = mid
     return hi, scores
 
-TARGET_MISSING = ("get_target_quant_model is true but target_metric is null: set the "
-                  "mAP@0.5:0.95 the model must reach (e.g. the float mAP minus 0.005)")
+TARGET_MISSING = ("get_target_quant_model is true but target_metric and target_drop are null: "
+                  "set the mAP@0.5:0.95 the model must reach (target_metric, e.g. the float mAP "
+                  "minus 0.005) or the points it may lose against float (target_drop, e.g. 0.5)")
+
+
+def target_of(cfg: Config, float_map: float) -> float:
+    """The mAP@0.5:0.95 the searched model must reach on the analysis images."""
+    if cfg.target_drop is not None:
+        return float_map - cfg.target_drop / 100.0
+    return cfg.target_metric
 
 
 def _check_target(cfg: Config, float_map: float, images: int) -> None:
     if not cfg.get_target_quant_model:
         return
-    if cfg.target_metric is None:
+    if cfg.target_metric is None and cfg.target_drop is None:
         raise ConfigError(TARGET_MISSING)
+    if cfg.target_drop is not None:
+        return
     if cfg.target_metric > float_map:
         raise ConfigError(f"target_metric {cfg.target_metric:.4f} is above the float model's "
                           f"mAP@0.5:0.95 {float_map:.4f} on the {images} analysis images: no "
@@ -69,7 +79,7 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
     from ..ptq import QDQ_ONNX, SUMMARY, build_qdq, quantize
 
     start = time.perf_counter()
-    target = cfg.target_metric
+    target = target_of(cfg, reference["float_map"])
     order = [r["onnx_node"] for r in rows]
     all_nodes = {p.node_name for p in cal.conv_params}
     known = {0: reference["int8_map"]}
@@ -113,7 +123,8 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
         log.warning("the saved model measures %.4f < target %.4f: keeping one more conv float",
                     confirmed.map50_95, target)
         k += 1
-    found = {"target": target, "float_layers": order[:k], "skip_tensor_list": skip,
+    found = {"target": target, "target_drop": cfg.target_drop, "float_layers": order[:k],
+             "skip_tensor_list": skip,
              "searched_map": scores.get(k), "confirmed_map": confirmed.map50_95,
              "confirmed_map50": confirmed.map50, "met": confirmed.map50_95 >= target,
              "evaluations": {str(key): v for key, v in sorted(scores.items())},
