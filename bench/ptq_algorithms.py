@@ -27,7 +27,9 @@ from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
 from yoloquant.stats import CI_NOTE  # noqa: E402
 from yoloquant.validator import compare_to  # noqa: E402
 
-RUNTIMES = {"paddle-inference(onednn-int8)": "paddle_int8", "onnxruntime": "onnx_int8"}
+# every int8 runtime evaluate_saved scores a saved model on (OpenVINO too since it is a requirement)
+RUNTIMES = {"paddle-inference(onednn-int8)": "paddle_int8", "onnxruntime": "onnx_int8",
+            "openvino": "openvino_int8"}
 
 
 def scored(cfg, save_dir, reference, prefix: str = "") -> dict:
@@ -90,14 +92,18 @@ def main() -> None:
              + f"; calibration: {rows[0]['calibration_images']} images; weights: "
              f"{cfg.PTQ.weight_quantize_type}, rounding: {cfg.weight_rounding}. Cells: mAP@0.5:0.95 "
              f"(delta to FP32 in points [{CI_NOTE}])", machine_line(), ""]
-    held_head = " held-out Paddle | held-out ONNX |" if heldout_fp32 else ""
-    lines += ["| algo | Paddle oneDNN int8 | QDQ ONNX (ORT) |" + held_head
-              + " int8 / float convs | PTQ s | whole job s |",
-              "|---|---|---|" + ("---|---|" if heldout_fp32 else "") + "---|---|---|"]
+    ov = "openvino_int8" in rows[0]
+    held_head = (" held-out Paddle | held-out ONNX |" + (" held-out OpenVINO |" if ov else "")
+                 if heldout_fp32 else "")
+    lines += ["| algo | Paddle oneDNN int8 | QDQ ONNX (ORT) |" + (" QDQ ONNX (OpenVINO) |" if ov else "")
+              + held_head + " int8 / float convs | PTQ s | whole job s |",
+              "|---|---|---|" + ("---|" if ov else "") + (("---|---|" + ("---|" if ov else ""))
+                                                             if heldout_fp32 else "") + "---|---|---|"]
     for r in rows:
         held_cells = (f" {cell(r['heldout_paddle_int8'])} | {cell(r['heldout_onnx_int8'])} |"
-                      if heldout_fp32 else "")
-        lines.append(f"| {r['algo']} | {cell(r['paddle_int8'])} | {cell(r['onnx_int8'])} |{held_cells}"
+                      + (f" {cell(r['heldout_openvino_int8'])} |" if ov else "") if heldout_fp32 else "")
+        ov_cell = f" {cell(r['openvino_int8'])} |" if ov else ""
+        lines.append(f"| {r['algo']} | {cell(r['paddle_int8'])} | {cell(r['onnx_int8'])} |{ov_cell}{held_cells}"
                      f" {r['int8_convs']} / {r['float_convs']} "
                      f"| {r['ptq_seconds']:.1f} | {r['job_seconds']:.1f} |")
     table = "\n".join(lines)
