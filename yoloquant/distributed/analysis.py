@@ -17,7 +17,7 @@ import time
 from typing import Iterator
 
 from ..provenance import Timer
-from .cluster import Cluster, put, run_tasks
+from .cluster import Cluster, TaskFailed, put, run_tasks
 
 
 def measure_layer(node: str, cal, images, reference, heads: list, with_map: bool, both: bool,
@@ -48,7 +48,11 @@ def measure_on_cluster(cluster: Cluster, cal, images, reference, heads: list, to
                        with_map: bool, both: bool) -> Iterator[tuple[str, dict]]:
     """(conv node, its result) for every node of `todo`, in the order they finish."""
     shared = [put(slim_calibration(cal)), put(images), put(reference)]
-    for i, result in run_tasks(cluster, measure_layer, todo, *shared, heads, with_map, both,
-                               cluster.threads, desc="sensitivity", unit="layers",
-                               progress=False):
-        yield todo[i], result
+    try:
+        for i, result in run_tasks(cluster, measure_layer, todo, *shared, heads, with_map, both,
+                                   cluster.threads, desc="sensitivity", unit="layers",
+                                   progress=False):
+            yield todo[i], result
+    except TaskFailed as exc:
+        raise TaskFailed(f"{exc}; the checkpoint in {cal.cfg.save_dir} keeps every layer "
+                         "finished: run again with --resume to continue") from None

@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -90,8 +91,12 @@ def _host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Fail in seconds, naming the address, when nothing listens there (ray.init would hang)."""
+def check_reachable(address: str, timeout: Optional[float] = None) -> None:
+    """Fail in seconds, naming the address, when no Ray cluster answers there (ray.init waits
+    20-40 s, or longer, before giving up): a TCP connection first, then, for a GCS address
+    (HOST:PORT), one request to the GCS, given `timeout` seconds too (a proxy or another
+    service may accept any connection)."""
+    timeout = CONNECT_TIMEOUT if timeout is None else timeout
     host, port = _host_port(address)
     try:
         with socket.create_connection((host, port), timeout=timeout):
@@ -101,6 +106,32 @@ def check_reachable(address: str, timeout: float = CONNECT_TIMEOUT) -> None:
         raise ConfigError(f"Ray cluster {address} is not reachable ({host}:{port}: {reason} "
                           f"within {timeout:g} s); start it with `ray start --head` on that "
                           "node, or use --ray_address local") from None
+    if not address.startswith("ray://"):
+        _probe_gcs(address, f"{host}:{port}", timeout)
+
+
+def _probe_gcs(address: str, gcs: str, timeout: float) -> None:
+    try:
+        from ray._raylet import GcsClient  # not public API: without it, ray.init decides
+    except ImportError:
+        return
+    outcome: dict = {}
+
+    def probe() -> None:
+        try:
+            GcsClient(address=gcs, cluster_id=None)
+        except Exception as exc:  # noqa: BLE001 - RpcError and friends: not a Ray GCS
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=probe, daemon=True, name="yoloquant-ray-probe")
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive() or "error" in outcome:
+        why = (f"no answer within {timeout:g} s" if thread.is_alive()
+               else _first_line(outcome["error"]))
+        raise ConfigError(f"Ray cluster {address} is not reachable: something listens at "
+                          f"{gcs} but it is not a Ray head node ({why}); give the address "
+                          "`ray start --head` printed, or use --ray_address local")
 
 
 def check_flags(address: Optional[str], workers: Optional[int], threads: int) -> None:

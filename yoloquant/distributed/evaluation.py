@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -102,8 +103,9 @@ def evaluate_on_cluster(cluster: Cluster, backend, dataset, decoder, batch_size:
     batch_size = _model_batch(backend, batch_size)
     evaluator = CocoEvaluator(dataset.anno_path, dataset.category_ids)
     start = time.perf_counter()
-    dataset_args = (dataset.image_dir, dataset.anno_path, dataset.preprocess, None,
-                    dataset.image_ids)
+    # absolute: a worker on another node does not start in the driver's directory
+    dataset_args = (Path(dataset.image_dir).resolve(), Path(dataset.anno_path).resolve(),
+                    dataset.preprocess, None, dataset.image_ids)
     parts = shards(len(dataset), batch_size, cluster.workers)
     for _, found in run_on_actors(cluster, EvalWorker,
                                   (recipe_of(backend), cluster.threads, dataset_args, decoder,
