@@ -223,14 +223,7 @@ def run_tasks(cluster: Cluster, fn: Callable, items: Sequence, *shared,
                     pending[remote.remote(item, *shared)] = i
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(ready[0])
-                try:
-                    value = ray.get(ready[0])
-                except ray.exceptions.RayError as exc:
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, YoloQuantError):  # bad input met on a worker
-                        raise cause from None
-                    raise TaskFailed(f"{desc}: task {i} failed on the Ray cluster "
-                                     f"({_first_line(exc)})") from None
+                value = _result(ready[0], f"{desc}: task {i}")
                 bar.update(1)
                 yield i, value
         finally:
@@ -240,6 +233,22 @@ def run_tasks(cluster: Cluster, fn: Callable, items: Sequence, *shared,
 
 class TaskFailed(YoloQuantError):
     """A task failed on the cluster even after its retries."""
+
+
+def _result(ref, what: str):
+    """A finished task's value. Bad input met on a worker is the same error line as in one
+    process, a bug the same traceback (Ray's, with the worker's); a worker or node that died is
+    TaskFailed."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:  # the task itself raised
+        if isinstance(exc.cause, YoloQuantError):
+            raise exc.cause from None
+        raise
+    except ray.exceptions.RayError as exc:  # the worker died, the task was cancelled...
+        raise TaskFailed(f"{what} failed on the Ray cluster ({_first_line(exc)})") from None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -271,14 +280,7 @@ def run_on_actors(cluster: Cluster, cls: type, init_args: tuple, items: Sequence
                     pending[actor.run.remote(item)] = (i, actor)
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 i, actor = pending.pop(ready[0])
-                try:
-                    value = ray.get(ready[0])
-                except ray.exceptions.RayError as exc:
-                    cause = getattr(exc, "cause", None)
-                    if isinstance(cause, YoloQuantError):  # bad input met on a worker
-                        raise cause from None
-                    raise TaskFailed(f"{desc}: task {i} failed on the Ray cluster "
-                                     f"({_first_line(exc)})") from None
+                value = _result(ready[0], f"{desc}: task {i}")
                 idle.append(actor)
                 bar.update(1)
                 yield i, value
