@@ -189,6 +189,7 @@ def _sweep_and_report(cfg, cal, images, runner, solo, checkpoint, timer, started
     else:  # Ray tasks, in the order they finish; checkpointed here, on the driver
         from ..distributed.analysis import measure_on_cluster
 
+        log.info("measuring %d convs as tasks on the %s", len(todo), cluster.describe())
         measured = measure_on_cluster(cluster, cal, images, runner.reference,
                                       runner.head_names, todo, with_map, both)
     with Progress(len(layers), "sensitivity", "layers", enabled=progress,
