@@ -118,14 +118,21 @@ def test_paddle_eval_on_workers_equals_one_process(cluster):
 
 
 def test_analysis_on_two_workers_equals_one_process(single, cluster, tmp_path):
-    cfg = load_config(demo_config(tmp_path / "demo.yaml", tmp_path / "ray"))
-    result = run_analysis(cfg, cluster=cluster, progress=False)
-    assert result.complete and len(result.rows) == len(LAYERS)
+    """analysis.py joining the module's cluster: the same ranking and numbers, the cluster in
+    sensitivity.json."""
+    config = demo_config(tmp_path / "demo.yaml", tmp_path / "ray")
+    proc = run_script("analysis.py", "--config_path", config, "--ray_address", cluster.address,
+                      "--ray_workers", 2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert layers_of(tmp_path / "ray") == layers_of(single[0] / "analysis")
+    assert len(layers_of(tmp_path / "ray")) == len(LAYERS)
     data = json.loads((tmp_path / "ray" / RANK_JSON).read_text())
     alone = json.loads((single[0] / "analysis" / RANK_JSON).read_text())
     assert data["reference"] == alone["reference"] and data["spearman"] == alone["spearman"]
-    assert data["meta"]["cluster"]["workers"] == 2 and "cluster" not in alone["meta"]
+    assert data["meta"]["cluster"] == dict(cluster.as_dict(), address=cluster.address)
+    assert "cluster" not in alone["meta"]
+    assert (tmp_path / "ray" / "analysis.txt").read_text() == \
+        (single[0] / "analysis" / "analysis.txt").read_text()
 
 
 def measuring_workers() -> list[int]:
