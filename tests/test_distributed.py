@@ -59,11 +59,26 @@ def single(tmp_path_factory):
     return root, config, proc.stdout
 
 
+def clean_env() -> dict:
+    """This process's environment without what `import paddle` put there (OMP_NUM_THREADS=1),
+    so that every script here runs in the same environment, before or after a test of this
+    process imported Paddle (OMP_NUM_THREADS once changed the activation statistics' last
+    digits through np.dot; analysis/statistics.py no longer uses it)."""
+    return {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+
 def run_script_code(code: str):
     import subprocess
 
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          text=True, timeout=600, env=dict(clean_env(), PYTHONPATH=str(ROOT)))
+
+
+def run_clean(script: str, *args):
+    import subprocess
+
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=clean_env())
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +99,7 @@ def layers_of(save: Path) -> list:
 def test_eval_on_two_workers_equals_one_process(single, cluster, tmp_path):
     """eval.py joining the module's cluster by its address: the same mAP to the last digit."""
     out = tmp_path / "eval.json"
-    proc = run_script("eval.py", "--max_images", EVAL_IMAGES, "--json", out,
+    proc = run_clean("eval.py", "--max_images", EVAL_IMAGES, "--json", out,
                       "--ray_address", cluster.address, "--ray_workers", 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     alone = json.loads((single[0] / "eval.json").read_text())
@@ -121,7 +136,7 @@ def test_analysis_on_two_workers_equals_one_process(single, cluster, tmp_path):
     """analysis.py joining the module's cluster: the same ranking and numbers, the cluster in
     sensitivity.json."""
     config = demo_config(tmp_path / "demo.yaml", tmp_path / "ray")
-    proc = run_script("analysis.py", "--config_path", config, "--ray_address", cluster.address,
+    proc = run_clean("analysis.py", "--config_path", config, "--ray_address", cluster.address,
                       "--ray_workers", 2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert layers_of(tmp_path / "ray") == layers_of(single[0] / "analysis")

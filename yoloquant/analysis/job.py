@@ -271,15 +271,15 @@ def analysis_command(config_path: str, device: str = "cpu", resume: bool = False
     require(cfg, "save_dir")
     check_job(cfg, evaluate=True, save_dir=cfg.save_dir, eval_anno=cfg.fast_val_anno_path,
               eval_max_images=cfg.analysis_max_images)
+    cluster = None
+    if ray_address is not None:  # a bad address fails before Paddle is even imported
+        from ..distributed import connect
+
+        cluster = connect(ray_address, ray_workers, ray_threads)
     root = logging.getLogger()
     level = root.level
     import paddle  # noqa: F401 - importing paddle sets the root logger to WARNING: undo that,
     root.setLevel(level)  # or the per-layer progress lines of a long run are never shown
-    cluster = None
-    if ray_address is not None:
-        from ..distributed import connect
-
-        cluster = connect(ray_address, ray_workers, ray_threads)
     try:
         result = run_analysis(cfg, resume=resume, cluster=cluster)
         _print_outputs(cfg, result)

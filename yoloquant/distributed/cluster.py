@@ -102,10 +102,11 @@ def check_reachable(address: str, timeout: Optional[float] = None) -> None:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
-        reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc))
-        raise ConfigError(f"Ray cluster {address} is not reachable ({host}:{port}: {reason} "
-                          f"within {timeout:g} s); start it with `ray start --head` on that "
-                          "node, or use --ray_address local") from None
+        reason = (f"no answer within {timeout:g} s" if isinstance(exc, socket.timeout)
+                  else (exc.strerror or str(exc)))
+        raise ConfigError(f"Ray cluster {address} is not reachable ({host}:{port}: {reason}); "
+                          "start it with `ray start --head` on that node, or use --ray_address "
+                          "local") from None
     if not address.startswith("ray://"):
         _probe_gcs(address, f"{host}:{port}", timeout)
 
