@@ -2,6 +2,7 @@
 
   python analysis.py --config_path configs/yolov5n_analysis.yaml
   python analysis.py --config_path configs/yolov5n_analysis.yaml --resume   # after a kill
+  python analysis.py --config_path ... --ray_address local --ray_workers 2  # convs as Ray tasks
 
 Calibrates once, then measures every quantized conv both ways (only it int8 / only it float)
 with ONNX Runtime on the first analysis_max_images evaluation images. save_dir receives
@@ -13,12 +14,15 @@ skip_tensor_list in save_dir/skip_tensor_list.yaml.
 import argparse
 
 from yoloquant.cli import add_common_flags, run_main
+from yoloquant.distributed import add_ray_flags
 
 
 def main(args: argparse.Namespace) -> int:
     from yoloquant.analysis import analysis_command
 
-    analysis_command(args.config_path, device=args.devices, resume=args.resume)
+    analysis_command(args.config_path, device=args.devices, resume=args.resume,
+                     ray_address=args.ray_address, ray_workers=args.ray_workers,
+                     ray_threads=args.ray_threads)
     return 0
 
 
@@ -29,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true",
                         help="continue the checkpoint in save_dir (same config) instead of "
                              "starting over")
+    add_ray_flags(parser)
     return parser
 
 

@@ -5,6 +5,7 @@
   python eval.py --config_path ... --model out/               # a post_quant.py output, real int8 runtimes
   python eval.py --config_path ... --model out/model_int8.onnx --runtime openvino   # one file on OpenVINO
   python eval.py --config_path ... --model out/ --fidelity_images DIR   # against FP32, no labels
+  python eval.py --config_path ... --ray_address local --ray_workers 2  # images sharded on Ray
 
 Deltas against a reference model (--reference; FP32 by default for a post_quant.py output)
 come with a paired bootstrap 95% interval over the images.
@@ -12,6 +13,7 @@ come with a paired bootstrap 95% interval over the images.
 import argparse
 
 from yoloquant.cli import add_common_flags, run_main
+from yoloquant.distributed import add_ray_flags
 from yoloquant.evaluate import RUNTIMES, evaluate_command
 
 
@@ -20,7 +22,8 @@ def main(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, json_out=args.json, device=args.devices,
                      max_images=args.max_images, simulate=args.simulate,
                      reference=args.reference, fidelity_images=args.fidelity_images,
-                     fidelity_conf=args.fidelity_conf)
+                     fidelity_conf=args.fidelity_conf, ray_address=args.ray_address,
+                     ray_workers=args.ray_workers, ray_threads=args.ray_threads)
     return 0
 
 
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, metavar="OUT",
                         help="write {map50_95, map50, images, runtime, seconds[, delta, "
                              "delta_ci95, ...]} (or the fidelity) to OUT")
+    add_ray_flags(parser)
     return parser
 
 

@@ -31,15 +31,19 @@ def convert_for(cfg: Config, dataset=None):
 
 
 def evaluate_backend(cfg: Config, backend, max_images: Optional[int] = None, batch_size: int = 1,
-                     anno_path: Optional[str] = None) -> EvalResult:
+                     anno_path: Optional[str] = None, cluster=None) -> EvalResult:
+    """`cluster` (a distributed.Cluster): the forward passes on its workers, same numbers."""
     preprocess = preprocess_for(cfg, backend.input_shape)
     dataset = val_dataset(cfg, preprocess, anno_path=anno_path, max_images=max_images)
     decoder = Decoder(cfg.output_layout, preprocess.input_size, postprocess_settings(cfg))
     model = getattr(backend, "path", None) or getattr(getattr(backend, "files", None), "model_file", None)
     desc = f"eval {Path(model).name} ({backend.name})" if model else f"eval {backend.name}"
-    result = evaluate(backend, dataset, decoder, batch_size=batch_size, workers=cfg.workers,
-                      desc=desc)
-    return result
+    if cluster is not None:
+        from .distributed.evaluation import evaluate_on_cluster
+
+        return evaluate_on_cluster(cluster, backend, dataset, decoder, batch_size, desc)
+    return evaluate(backend, dataset, decoder, batch_size=batch_size, workers=cfg.workers,
+                    desc=desc)
 
 
 def format_table(rows: list[EvalResult]) -> str:
@@ -67,13 +71,20 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
                      batch_size: int = 1, json_out: Optional[str] = None, device: str = "cpu",
                      max_images: Optional[int] = None, simulate: bool = False,
                      reference: Optional[str] = AUTO, fidelity_images: Optional[str] = None,
-                     fidelity_conf: Optional[float] = None) -> list[EvalResult]:
+                     fidelity_conf: Optional[float] = None, ray_address: Optional[str] = None,
+                     ray_workers: Optional[int] = None, ray_threads: int = 1) -> list[EvalResult]:
     """eval.py. `reference`: a model to compare against (deltas with paired bootstrap
     intervals), FP32 for the config's float model, none, or auto (FP32 for a post_quant.py
     output folder, none otherwise). With `fidelity_images` the models are compared with the
-    reference on that image folder instead, without labels (yoloquant.fidelity)."""
+    reference on that image folder instead, without labels (yoloquant.fidelity). With
+    `ray_address` the images are sharded over a Ray cluster's workers (yoloquant.distributed)."""
     from .cli import load_job_config
+    from .distributed.cluster import check_flags
     from .runtime import require_openvino
+
+    check_flags(ray_address, ray_workers, ray_threads)
+    if ray_address is not None and fidelity_images is not None:
+        raise ConfigError("--ray_address applies to the labelled evaluation, not --fidelity_images")
 
     if runtime == "openvino":
         require_openvino()  # before the config's data is prepared (the demo generates its own)
@@ -92,27 +103,47 @@ def evaluate_command(config_path: str, model: Optional[str] = None, runtime: Opt
         raise ConfigError("--fidelity_conf applies with --fidelity_images DIR")
     _check_inputs(cfg, model, max_images)
     ref = open_reference(cfg, model, reference)  # a bad path fails before any evaluation
+    cluster = None
+    if ray_address is not None:
+        from .distributed import connect
+
+        cluster = connect(ray_address, ray_workers, ray_threads)
+    try:
+        return _evaluate_rows(cfg, model, runtime, batch_size, json_out, max_images, simulate,
+                              ref, cluster)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _evaluate_rows(cfg, model, runtime, batch_size, json_out, max_images, simulate, ref,
+                   cluster) -> list[EvalResult]:
     results: list[EvalResult] = []
     if model is not None:
         if is_saved_output(model):
             # a post_quant.py output: every int8 artifact in it, on its real int8 runtime
-            results.extend(evaluate_saved(cfg, model, max_images, simulate=simulate))
+            results.extend(evaluate_saved(cfg, model, max_images, simulate=simulate,
+                                          cluster=cluster))
         else:
             backend = OpenVinoBackend(model) if runtime == "openvino" else open_backend(model)
-            r = evaluate_backend(cfg, backend, max_images, batch_size)
+            r = evaluate_backend(cfg, backend, max_images, batch_size, cluster=cluster)
             r.model = str(model)
             results.append(r)
     else:
-        results.extend(evaluate_float(cfg, runtime or "onnxruntime", max_images, batch_size))
+        results.extend(evaluate_float(cfg, runtime or "onnxruntime", max_images, batch_size,
+                                      cluster))
     rows = results
     if ref is not None:
-        base = evaluate_backend(cfg, ref[1], max_images, batch_size)
+        base = evaluate_backend(cfg, ref[1], max_images, batch_size, cluster=cluster)
         base.model = ref[0]
         compare_to(base, results)
         rows = [base] + results
     print(format_table(rows))
+    if cluster is not None:
+        print(f"on the {cluster.describe()}")
     if json_out:
-        payload = [r.as_dict() for r in results]
+        payload = [dict(r.as_dict(), **({"cluster": cluster.as_dict()} if cluster else {}))
+                   for r in results]
         write_json(json_out, payload[0] if len(payload) == 1 else payload)
     last = results[-1]
     print(f"mAP@0.5:0.95 = {last.map50_95:.4f}   mAP@0.5 = {last.map50:.4f}   ({last.runtime})")
@@ -146,17 +177,19 @@ def _check_detectors(cfg: Config, *paths: Optional[str]) -> None:
 
 
 def evaluate_float(cfg: Config, runtime: str, max_images: Optional[int],
-                   batch_size: int) -> list[EvalResult]:
+                   batch_size: int, cluster=None) -> list[EvalResult]:
     """The config's float ONNX model on ONNX Runtime (or OpenVINO) and/or its Paddle
     conversion."""
     require(cfg, "model_dir")
     results = []
     if runtime in ("onnxruntime", "both"):
-        r = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images, batch_size)
+        r = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir), max_images, batch_size,
+                             cluster=cluster)
         r.model = cfg.model_dir
         results.append(r)
     if runtime == "openvino":
-        r = evaluate_backend(cfg, OpenVinoBackend(cfg.model_dir), max_images, batch_size)
+        r = evaluate_backend(cfg, OpenVinoBackend(cfg.model_dir), max_images, batch_size,
+                             cluster=cluster)
         r.model = cfg.model_dir
         results.append(r)
     if runtime in ("paddle", "both"):
@@ -165,7 +198,7 @@ def evaluate_float(cfg: Config, runtime: str, max_images: Optional[int],
         converted = convert_for(cfg, dataset)
         backend = PaddleInferenceBackend(PaddleModelFiles(converted.model_file,
                                                           converted.params_file))
-        r = evaluate_backend(cfg, backend, max_images, batch_size)
+        r = evaluate_backend(cfg, backend, max_images, batch_size, cluster=cluster)
         r.model = str(converted.model_dir)
         results.append(r)
     return results
@@ -216,11 +249,11 @@ def saved_backends(save_dir: str, simulate: bool = False):
 
 
 def evaluate_saved(cfg: Config, save_dir: str, max_images: Optional[int] = None,
-                   simulate: bool = False) -> list[EvalResult]:
+                   simulate: bool = False, cluster=None) -> list[EvalResult]:
     """Evaluate a post_quant.py output folder in the real int8 runtimes it holds."""
     rows = []
     for label, backend in saved_backends(save_dir, simulate):
-        r = evaluate_backend(cfg, backend, max_images)
+        r = evaluate_backend(cfg, backend, max_images, cluster=cluster)
         r.model = label
         rows.append(r)
     return rows

@@ -124,17 +124,30 @@ def evaluate(backend, dataset: CocoDetection, decoder: Decoder, batch_size: int 
     evaluator = CocoEvaluator(dataset.anno_path, dataset.category_ids)
     start = time.perf_counter()
     for batch in iterate_batches(dataset, batch_size=batch_size, workers=workers, desc=desc):
-        images = batch.images
-        n = images.shape[0]
-        if n < batch_size:  # a fixed-batch model needs the last batch padded
-            images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, axis=0)])
-        output = np.asarray(backend(images))[:n]
-        for dets, info, image_id in zip(decoder(output), batch.infos, batch.image_ids):
-            dets = dets.copy()
-            dets[:, :4] = boxes_to_original(dets[:, :4], info)
+        for image_id, dets in batch_detections(backend, batch, decoder, batch_size):
             evaluator.add(image_id, dets)
-    seconds = time.perf_counter() - start
+    return scored(evaluator, dataset, backend.name, time.perf_counter() - start)
+
+
+def batch_detections(backend, batch, decoder: Decoder, batch_size: int) -> list:
+    """[(image id, detections in original image pixels)] of one batch (data.Batch)."""
+    images = batch.images
+    n = images.shape[0]
+    if n < batch_size:  # a fixed-batch model needs the last batch padded
+        images = np.concatenate([images, np.repeat(images[-1:], batch_size - n, axis=0)])
+    output = np.asarray(backend(images))[:n]
+    found = []
+    for dets, info, image_id in zip(decoder(output), batch.infos, batch.image_ids):
+        dets = dets.copy()
+        dets[:, :4] = boxes_to_original(dets[:, :4], info)
+        found.append((image_id, dets))
+    return found
+
+
+def scored(evaluator: CocoEvaluator, dataset: CocoDetection, runtime: str,
+           seconds: float) -> EvalResult:
+    """The EvalResult of the detections gathered in `evaluator` over the whole data set."""
     stats = evaluator.summarize(dataset.image_ids)
     return EvalResult(map50_95=float(stats["map50_95"]), map50=float(stats["map50"]),
                       images=len(dataset), detections=int(stats["detections"]),
-                      runtime=backend.name, seconds=round(seconds, 2), matches=evaluator.matches)
+                      runtime=runtime, seconds=round(seconds, 2), matches=evaluator.matches)

@@ -66,12 +66,14 @@ def _resolve_layers(cfg: Config, cal) -> list[str]:
 
 
 def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = None,
-                 progress: bool = True, threads: Optional[int] = None) -> AnalysisResult:
+                 progress: bool = True, threads: Optional[int] = None,
+                 cluster=None) -> AnalysisResult:
     """Rank the convs by sensitivity; write the outputs into cfg.save_dir; optionally search the
     target model.
 
     stop_after: analyse at most this many layers in this call, then return an incomplete result
     (a checkpointed stop, as after a kill; `resume=True` continues).
+    cluster: a distributed.Cluster measuring the convs as Ray tasks (same results).
     """
     from ..ptq import build_qdq, calibrate
 
@@ -147,19 +149,34 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
     log.addFilter(quiet)
     try:
         return _sweep_and_report(cfg, cal, images, runner, solo, checkpoint, timer,
-                                 started, stop_after, progress, threads)
+                                 started, stop_after, progress, threads, cluster)
     finally:
         log.removeFilter(quiet)
 
 
-def _sweep_and_report(cfg, cal, images, runner, solo, checkpoint, timer, started,
-                      stop_after, progress, threads) -> AnalysisResult:
-    from ..progress import Progress
+def _measure_here(runner, cal, todo, with_map: bool, both: bool):
+    """(conv node, its checkpoint entry) for each node of `todo`, measured in this process."""
     from ..ptq import build_qdq
+
+    all_nodes = [p.node_name for p in cal.conv_params]
+    with ThreadPoolExecutor(PARALLEL_VARIANTS, thread_name_prefix="yoloquant-variant") as pool:
+        for node in todo:
+            t0 = time.perf_counter()
+            models = [build_qdq(cal, [n for n in all_nodes if n != node], backend=RANK_LAYOUT)]
+            if both:  # proxy_only: the quant-only direction alone
+                models.append(build_qdq(cal, [node], backend=RANK_LAYOUT))
+            runs = list(pool.map(lambda m: runner.measure(m, with_map), models))
+            result = _directions(runner, runs[0], runs[1] if both else None)
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            yield node, result
+
+
+def _sweep_and_report(cfg, cal, images, runner, solo, checkpoint, timer, started,
+                      stop_after, progress, threads, cluster=None) -> AnalysisResult:
+    from ..progress import Progress
 
     save = Path(cfg.save_dir)
     reference, layers, results = checkpoint["reference"], checkpoint["layers"], checkpoint["results"]
-    all_nodes = [p.node_name for p in cal.conv_params]
     with_map = cfg.analysis_metric == "map" and not cfg.analysis_proxy_only
     both = not cfg.analysis_proxy_only  # the float-only direction too
     todo = [n for n in layers if n not in results]
@@ -168,17 +185,18 @@ def _sweep_and_report(cfg, cal, images, runner, solo, checkpoint, timer, started
     names = cal.onnx_to_paddle()
     sweep_start = time.perf_counter()
     # no periodic progress lines: every layer logs its own line with the time left
+    if cluster is None:
+        measured = _measure_here(runner, cal, todo, with_map, both)
+    else:  # Ray tasks, in the order they finish; checkpointed here, on the driver
+        from ..distributed.analysis import measure_on_cluster
+
+        log.info("measuring %d convs as tasks on the %s", len(todo), cluster.describe())
+        measured = measure_on_cluster(cluster, cal, images, runner.reference,
+                                      runner.head_names, todo, with_map, both)
     with Progress(len(layers), "sensitivity", "layers", enabled=progress,
-                  initial=len(results), lines=False) as bar, \
-            ThreadPoolExecutor(PARALLEL_VARIANTS, thread_name_prefix="yoloquant-variant") as pool:
-        for count, node in enumerate(todo, 1):
-            t0 = time.perf_counter()
-            models = [build_qdq(cal, [n for n in all_nodes if n != node], backend=RANK_LAYOUT)]
-            if both:  # proxy_only: the quant-only direction alone
-                models.append(build_qdq(cal, [node], backend=RANK_LAYOUT))
-            runs = list(pool.map(lambda m: runner.measure(m, with_map), models))
-            results[node] = _directions(runner, runs[0], runs[1] if both else None)
-            results[node]["seconds"] = round(time.perf_counter() - t0, 2)
+                  initial=len(results), lines=False) as bar:
+        for count, (node, result) in enumerate(measured, 1):
+            results[node] = result
             write_json(save / CHECKPOINT, checkpoint)  # after every layer: a kill loses one
             bar.update(1)
             done = len(results)
@@ -202,6 +220,8 @@ def _sweep_and_report(cfg, cal, images, runner, solo, checkpoint, timer, started
             "proxy_images": images.proxy_count, "noise_images": images.noise_count,
             "metric": cfg.analysis_metric, "proxy_only": cfg.analysis_proxy_only, "algo": cal.algo,
             "calib_images": len(cal.image_ids)}
+    if cluster is not None:
+        meta["cluster"] = cluster.as_dict()
     result = AnalysisResult(save, True, rows, reference, rho, seconds=timer.seconds)
     with timer("outputs"):
         _write_outputs(cfg, cal, result, stats, meta, None)
@@ -240,23 +260,34 @@ def _layer_line(r: dict, reference: dict) -> str:
     return ", ".join(parts)
 
 
-def analysis_command(config_path: str, device: str = "cpu", resume: bool = False) -> AnalysisResult:
+def analysis_command(config_path: str, device: str = "cpu", resume: bool = False,
+                     ray_address: Optional[str] = None, ray_workers: Optional[int] = None,
+                     ray_threads: int = 1) -> AnalysisResult:
     from ..cli import load_job_config
+    from ..distributed.cluster import check_flags
     from ..preflight import check_job
 
+    check_flags(ray_address, ray_workers, ray_threads)
     cfg = load_job_config(config_path, device)
     require(cfg, "save_dir")
     check_job(cfg, evaluate=True, save_dir=cfg.save_dir, eval_anno=cfg.fast_val_anno_path,
               eval_max_images=cfg.analysis_max_images)
+    cluster = None
+    if ray_address is not None:  # a bad address fails before Paddle is even imported
+        from ..distributed import connect
+
+        cluster = connect(ray_address, ray_workers, ray_threads)
     root = logging.getLogger()
     level = root.level
     import paddle  # noqa: F401 - importing paddle sets the root logger to WARNING: undo that,
     root.setLevel(level)  # or the per-layer progress lines of a long run are never shown
     try:
-        result = run_analysis(cfg, resume=resume)
+        result = run_analysis(cfg, resume=resume, cluster=cluster)
         _print_outputs(cfg, result)
     finally:
         joblog.detach()
+        if cluster is not None:
+            cluster.close()
     return result
 
 

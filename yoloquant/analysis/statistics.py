@@ -60,7 +60,9 @@ def activation_statistics(model: onnx.ModelProto, params: dict, images: EvalImag
             s = acc[name]
             s["n"] += a.size
             s["s1"] += float(a.sum())
-            s["s2"] += float(np.dot(a, a))
+            # not np.dot: OpenBLAS splits it over its threads, so OMP_NUM_THREADS (which
+            # `import paddle` sets to 1) changed the last digits of act_std
+            s["s2"] += float(np.einsum("i,i->", a, a))
             s["min"] = min(s["min"], float(a.min()))
             s["max"] = max(s["max"], float(a.max()))
             s["clipped"] += int(np.count_nonzero(np.abs(a) > p.input_threshold))
