@@ -27,7 +27,7 @@ from yoloquant.distributed import add_ray_flags, check_flags  # noqa: E402
 from yoloquant.evaluate import evaluate_backend, evaluate_saved  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
 from yoloquant.provenance import machine, machine_line, package_versions  # noqa: E402
-from yoloquant.ptq import QDQ_ONNX, quantize  # noqa: E402
+from yoloquant.ptq import quantize  # noqa: E402
 from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
 from yoloquant.stats import CI_NOTE, paired_delta, resample_weights  # noqa: E402
 
