@@ -164,6 +164,25 @@ def test_tiny_model_target_above_float_is_refused(tiny):
                      resume=True, progress=False)
 
 
+def test_tiny_model_target_search_measures_the_model_it_saves(tiny):
+    """The search scores the deployed layout (deploy_backend) from the saved calibration, so
+    the model it saves measures what the search found (a conv-only search did not)."""
+    from yoloquant.analysis import TARGET_DIR
+
+    root, raw = tiny
+    save = root / "whole"
+    if not (save / CHECKPOINT).is_file():
+        run_analysis(config_from_dict(dict(raw, save_dir=str(save))), progress=False)
+    assert json.loads((save / CALIBRATION).read_text())["tensor_ranges"]  # saved for --resume
+    cfg = config_from_dict(dict(raw, save_dir=str(save), get_target_quant_model=True,
+                                target_drop=0.0))
+    found = run_analysis(cfg, resume=True, progress=False).target
+    assert found["met"] and found["target_drop"] == 0.0
+    assert found["confirmed_map"] == pytest.approx(found["searched_map"], abs=1e-9)
+    assert found["full_evaluations"] == len(found["evaluations"]) + 1  # no walk after the save
+    assert (save / TARGET_DIR / "model_int8.onnx").is_file()
+
+
 def test_unknown_analysis_layer_names_the_closest(tiny):
     root, raw = tiny
     cfg = config_from_dict(dict(raw, save_dir=str(root / "bad"), analysis_layers=["conv1x"]))
@@ -274,7 +293,6 @@ def test_yolov5n_target_model_meets_the_target(yolov5n_runs):
     from yoloquant.runtime import OnnxRuntimeBackend
 
     from yoloquant.analysis import load_calibration
-    from yoloquant.analysis.measure import RANK_LAYOUT
     from yoloquant.ptq import build_qdq
 
     root, whole, _, _ = yolov5n_runs
@@ -288,7 +306,8 @@ def test_yolov5n_target_model_meets_the_target(yolov5n_runs):
     nodes = [r["onnx_node"] for r in whole.rows]
     import onnx
 
-    onnx.save(build_qdq(cal, nodes, backend=RANK_LAYOUT), str(root / "analysed_float.onnx"))
+    # the deployed layout (the search measures the model it saves)
+    onnx.save(build_qdq(cal, nodes), str(root / "analysed_float.onnx"))
     reachable = evaluate_backend(cfg, OnnxRuntimeBackend(root / "analysed_float.onnx"),
                                  max_images=5).map50_95
     target = math.floor(min(max(reachable, whole.reference["int8_map"]),

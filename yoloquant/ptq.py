@@ -221,6 +221,26 @@ def resolve_skip_list(skip: Optional[list], paddle_to_onnx: dict) -> dict:
 class Calibration:
     """Everything one calibration run learned, reusable for any subset of quantized convs."""
 
+    @property
+    def input_name(self) -> str:
+        """The ONNX graph's image input (also when rebuilt from a file, without `converted`)."""
+        if self.converted is not None:
+            return self.converted.onnx_input_name
+        consts = {i.name for i in self.onnx_model.graph.initializer}
+        return next(i.name for i in self.onnx_model.graph.input if i.name not in consts)
+
+    def measure_tensor_ranges(self) -> dict:
+        """The glue grids (build_qdq measures them on first use; needs the images)."""
+        from .qdq import tensor_ranges
+
+        if not self.tensor_ranges:
+            if not self.images:
+                raise ConfigError("the calibration has neither its images nor its tensor ranges "
+                                  "(saved by an older version): run again without --resume")
+            with self.timer("glue_ranges"):
+                self.tensor_ranges.update(tensor_ranges(self.onnx_model, self.images, self.input_name))
+        return self.tensor_ranges
+
     cfg: Config
     algo: str
     converted: object  # convert.ConvertedModel
@@ -363,7 +383,7 @@ def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8",
     What leads into a float conv's input is not quantized (for ONNX Runtime that also keeps the
     producing conv float): the float conv is float because that tensor cannot take 8 bits.
     `activation_type` applies to the conv_only layout (the others fix it by runtime)."""
-    from .qdq import place_qdq, rules_for, tensor_ranges
+    from .qdq import place_qdq, rules_for
 
     backend = backend or cal.cfg.deploy_backend
     keep = set(float_nodes)
@@ -372,10 +392,7 @@ def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8",
         cal.placement = {"backend": backend}
         return _conv_only_qdq(cal, params, activation_type)
     rules = rules_for(backend)
-    if not cal.tensor_ranges:
-        with cal.timer("glue_ranges"):
-            cal.tensor_ranges.update(tensor_ranges(cal.onnx_model, cal.images,
-                                                   cal.converted.onnx_input_name))
+    cal.measure_tensor_ranges()
     grids = exact_input_grids(cal) if rules.exact_input else {}
     model, report = place_qdq(cal.onnx_model, params, cal.tensor_ranges, rules=rules, input_grids=grids)
     cal.placement = dict(report.as_dict(), exact_input_tensors=sorted(grids))
@@ -413,7 +430,7 @@ def exact_input_grids(cal: Calibration) -> dict:
         return {}
     graph = cal.onnx_model.graph
     consts = {i.name for i in graph.initializer}
-    exact, changed = {cal.converted.onnx_input_name}, True
+    exact, changed = {cal.input_name}, True
     while changed:
         changed = False
         for n in graph.node:

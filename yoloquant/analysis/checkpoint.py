@@ -49,10 +49,12 @@ def save_calibration(cal, path: Path) -> None:
     atomic_write(path.with_name(CALIBRATED_MODEL), lambda tmp: onnx.save(cal.onnx_model, tmp))
     params = [{f.name: _plain(getattr(p, f.name)) for f in dataclasses.fields(p)}
               for p in cal.conv_params]
+    # the glue grids too: the target search measures the deployed layout, also on --resume
+    ranges = {name: [float(lo), float(hi)] for name, (lo, hi) in cal.measure_tensor_ranges().items()}
     write_json(path, {"algo": cal.algo, "image_dir": cal.image_dir,
                       "image_ids": [_plain(i) for i in cal.image_ids],
                       "paddle_to_onnx": cal.paddle_to_onnx, "conv_params": params,
-                      "user_skip": cal.user_skip})
+                      "user_skip": cal.user_skip, "tensor_ranges": ranges})
 
 
 def load_calibration(cfg: Config, path: Path):
@@ -73,7 +75,8 @@ def load_calibration(cfg: Config, path: Path):
                           "without --resume to start over") from exc
     return Calibration(cfg, data["algo"], None, None, model, params,
                        dict(data["paddle_to_onnx"]), [], data["image_ids"], data["image_dir"],
-                       Timer(), user_skip=dict(data.get("user_skip", {})))
+                       Timer(), user_skip=dict(data.get("user_skip", {})),
+                       tensor_ranges={k: tuple(v) for k, v in data.get("tensor_ranges", {}).items()})
 
 
 def _fingerprint(cfg: Config, model_sha: str, image_ids: list) -> dict:

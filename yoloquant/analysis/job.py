@@ -105,6 +105,9 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
                               f"config (differs: {', '.join(diff)}); run without --resume to start "
                               "over, or use another save_dir")
         cal = load_calibration(cfg, save / CALIBRATION)
+        if cfg.get_target_quant_model and not cal.tensor_ranges:  # fail now, not after the sweep
+            raise ConfigError(f"{save / CALIBRATION} has no tensor ranges (an older version wrote "
+                              "it) and the target search needs them: run without --resume")
         log.info("resuming: %d of %d layers already analysed in %s", len(checkpoint["results"]),
                  len(checkpoint["layers"]), save / CHECKPOINT)
     else:
