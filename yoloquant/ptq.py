@@ -356,7 +356,9 @@ def equalize_float_model(cfg: Config, onnx_model: onnx.ModelProto, images: list,
     """Cross-layer equalization of the float model (config `equalization`; yoloquant/equalize)."""
     from .equalize import equalize
 
-    result = equalize(onnx_model, images[:cfg.equalization_images], input_name, cfg.equalization)
+    # ONNX Runtime's layouts requantize conv outputs; Paddle, OpenVINO and TensorRT do not
+    result = equalize(onnx_model, images[:cfg.equalization_images], input_name, cfg.equalization,
+                      output_grid=cfg.deploy_backend in ("onnxruntime", "conv_only"))
     if cfg.equalization != "none":
         log.info("equalization (%s): %s", cfg.equalization, result.message)
     return result
@@ -472,7 +474,9 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "command": command,
         "started": started,
         "config": to_dict(cfg),
-        "model": {"path": cfg.model_dir, "sha256": converted.sha256,
+        # sha256: the user's model; with equalization the converted (equalized) one differs
+        "model": {"path": cfg.model_dir, "sha256": _original_sha(cal),
+                  "equalized_sha256": converted.sha256 if _original_sha(cal) != converted.sha256 else None,
                   "input": converted.onnx_input_name, "input_shape": list(converted.input_shape),
                   "paddle_conversion_max_abs_diff": converted.max_abs_diff,
                   "onnx_rewrites": converted.normalize_counts},
@@ -506,6 +510,14 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "machine": machine(),
         "seconds": cal.timer.seconds,
     }
+
+
+def _original_sha(cal: Calibration) -> str:
+    from .provenance import file_sha256
+
+    if cal.equalization is None or not cal.equalization.applied:
+        return cal.converted.sha256
+    return file_sha256(cal.cfg.model_dir)
 
 
 def check_artifacts(out_dir: Path, cal: Calibration) -> dict:

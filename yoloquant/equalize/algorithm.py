@@ -65,6 +65,7 @@ class PairOutcome:
     snr_after_db: dict = field(default_factory=dict)
     scales: np.ndarray = field(default=None, repr=False)
     gate: bool = False  # SiLU / HardSwish made exact by a Mul in front of the gate
+    basis: str = "middle"  # which per-channel ranges the scales even out (_bases)
 
     @property
     def exact(self) -> bool:
@@ -76,6 +77,7 @@ class PairOutcome:
                  range_spread_after=round(self.spread_after, 2),
                  snr_before_db={k: round(v, 2) for k, v in self.snr_before_db.items()},
                  snr_after_db={k: round(v, 2) for k, v in self.snr_after_db.items()})
+        d["ranges_evened"] = self.basis
         if not self.pair.exact:
             d["form"] = "gate" if self.gate else f"rescale (strength {self.strength})"
         if self.reason:
@@ -111,7 +113,8 @@ class EqualizationResult:
         if self.mode == "none":
             return "equalization off (equalization: none)"
         return ("its input is not an equalizable pair's middle tensor (not written by a lone conv "
-                "+ activation read only by convs)")
+                "+ activation read only by convs, directly or through pooling / ReLU / a Mul by an "
+                "unscaled tensor)")
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "message": self.message,
@@ -218,40 +221,81 @@ def _mean_db(snr: dict, pair: Pair) -> float:
 
 
 def _pair_inputs(model, pairs, images, input_name) -> dict:
-    """{first conv input tensor: [its value on each image]} from one run of the original model."""
+    """{Pair: [its subgraph's feed on each image]} from one run of the original model."""
     from ..reconstruct import session_with_outputs
 
     by_name = {n.name: n for n in model.graph.node}
-    names = list(dict.fromkeys(by_name[p.first].input[0] for p in pairs))
+    wanted = {p: (by_name[p.first].input[0],) + p.side for p in pairs}
+    names = list(dict.fromkeys(t for ts in wanted.values() for t in ts))
     session = session_with_outputs(model, names)
-    found = {n: [] for n in names}
+    found = {p: [] for p in pairs}
     for img in images:
-        for n, v in zip(names, session.run(names, {input_name: np.asarray(img, np.float32)[None]})):
-            found[n].append(v[0])
+        values = dict(zip(names, session.run(names, {input_name: np.asarray(img, np.float32)[None]})))
+        for p, ts in wanted.items():
+            found[p].append({t: values[t] for t in ts})
     return found
 
 
-def _judge(model, pair, a, inputs, allow_gate: bool) -> PairOutcome:
+def _with_output_grid(sub: onnx.ModelProto, pair: Pair, inputs, x_name: str) -> onnx.ModelProto:
+    """`sub` with the first conv's raw output through a symmetric 8-bit Q/DQ (abs-max on the
+    inputs), as ONNX Runtime's layout requantizes every int8 conv's output. Not for ReLU: its
+    grid starts at 0 (precision.output_grid), so the negative side it clips costs nothing."""
+    from onnx import helper
+
+    if pair.activation == "relu":
+        return sub
+    out = copy.deepcopy(sub)
+    first = next(n for n in out.graph.node if n.name == pair.first)
+    t = first.output[0]
+    top = float(channel_absmax(sub, [t], inputs, x_name)[t].max())
+    raw, q, sc, zp = f"{t}_eqraw", f"{t}_eqq", f"{t}_eqs", f"{t}_eqz"
+    first.output[0] = raw
+    out.graph.initializer.extend([numpy_helper.from_array(np.array(max(top, 1e-8) / 127, np.float32), sc),
+                                  numpy_helper.from_array(np.array(0, np.int8), zp)])
+    k = list(out.graph.node).index(first) + 1
+    out.graph.node.insert(k, helper.make_node("DequantizeLinear", [q, sc, zp], [t]))
+    out.graph.node.insert(k, helper.make_node("QuantizeLinear", [raw, sc, zp], [q]))
+    return out
+
+
+def _bases(post: np.ndarray, pre: np.ndarray) -> dict:
+    """Per-channel ranges the scales may equalize: the middle tensor's (what the second convs
+    read), the first conv's raw output's too (what ONNX Runtime requantizes: for HardSwish / SiLU
+    its negative tail can be far wider than the activation's output), and their geometric mean."""
+    both = np.maximum(post, pre)
+    found = {"middle": post}
+    if not np.allclose(both, post):
+        found.update(raw=both, mean=np.sqrt(post * both))
+    return found
+
+
+def _judge(model, pair, post, pre, inputs, allow_gate: bool, output_grid: bool) -> PairOutcome:
     """Measure the pair alone (graph.pair_subgraph, on the original model's values of its input):
-    8-bit SNR of its second convs against the original float, as is and equalized at each
-    strength; keep the best, or reject when none gains MIN_GAIN_DB."""
+    8-bit SNR of its second convs against the original float (with output_grid, the first
+    conv's output requantized too), as is and equalized in each form; keep the best, or reject
+    when none gains MIN_GAIN_DB."""
     sub = pair_subgraph(model, pair)
     x_name = sub.graph.input[0].name
-    before = layer_error_db(sub, sub, pair.seconds, {}, inputs, x_name)
+
+    def measured(m):
+        return layer_error_db(sub, _with_output_grid(m, pair, inputs, x_name) if output_grid else m,
+                              pair.seconds, {}, inputs, x_name)
+
+    before = measured(sub)
     forms = [(1.0, False)] if pair.exact else [(st, False) for st in APPROX_STRENGTHS]
     if allow_gate and not pair.exact:
         forms.append((1.0, True))
     best = None
-    for strength, gate in forms:
-        s = pair_scales(model, pair, a, strength)
-        eq = apply_scales(sub, {pair: s}, [pair] if gate else [])[0]
-        snr = layer_error_db(sub, eq, pair.seconds, {}, inputs, x_name)
-        if best is None or _mean_db(snr, pair) > _mean_db(best[3], pair):
-            best = (strength, gate, s, snr)
-    strength, gate, s, snr = best
-    o = PairOutcome(pair, True, strength=strength, gate=gate, spread_before=_spread(a), scales=s,
+    for basis, a in _bases(post, pre).items():
+        for strength, gate in forms:
+            s = pair_scales(model, pair, a, strength)
+            snr = measured(apply_scales(sub, {pair: s}, [pair] if gate else [])[0])
+            if best is None or _mean_db(snr, pair) > _mean_db(best[3], pair):
+                best = (strength, gate, s, snr, basis)
+    strength, gate, s, snr, basis = best
+    o = PairOutcome(pair, True, strength=strength, gate=gate, spread_before=_spread(post), scales=s,
                     snr_before_db={c: before[c] for c in pair.seconds},
-                    snr_after_db={c: snr[c] for c in pair.seconds})
+                    snr_after_db={c: snr[c] for c in pair.seconds}, basis=basis)
     if _mean_db(snr, pair) < _mean_db(before, pair) + MIN_GAIN_DB:
         o.applied = False
         o.reason = (f"8-bit SNR of its second conv(s) {_mean_db(snr, pair):.1f} dB equalized vs "
@@ -259,10 +303,12 @@ def _judge(model, pair, a, inputs, allow_gate: bool) -> PairOutcome:
     return o
 
 
-def _choose(model, pairs, ranges, images, input_name, allow_gate) -> list[PairOutcome]:
-    inputs = _pair_inputs(model, pairs, images, input_name)
+def _choose(model, pairs, images, input_name, allow_gate, output_grid) -> list[PairOutcome]:
     by_name = {n.name: n for n in model.graph.node}
-    return [_judge(model, p, ranges[p.middle], inputs[by_name[p.first].input[0]], allow_gate)
+    pre_of = {p: by_name[p.first].output[0] for p in pairs}
+    ranges = channel_absmax(model, [p.middle for p in pairs] + list(pre_of.values()), images, input_name)
+    inputs = _pair_inputs(model, pairs, images, input_name)
+    return [_judge(model, p, ranges[p.middle], ranges[pre_of[p]], inputs[p], allow_gate, output_grid)
             for p in pairs]
 
 
@@ -314,8 +360,10 @@ def _guard_classes(model, outcomes, reference_out, images, input_name) -> tuple[
 
 
 def equalize(model: onnx.ModelProto, images: Sequence[np.ndarray], input_name: str,
-             mode: str = "cle") -> EqualizationResult:
-    """Equalize `model` (not modified) on `images` (CHW float arrays); see the module doc."""
+             mode: str = "cle", output_grid: bool = True) -> EqualizationResult:
+    """Equalize `model` (not modified) on `images` (CHW float arrays); see the module doc.
+    `output_grid`: the deployed runtime requantizes conv outputs (ONNX Runtime's layout), so
+    each pair is judged with its first conv's output in 8 bits too."""
     pairs, not_paired = find_pairs(model)
     result = EqualizationResult(model, mode, not_paired=not_paired)
     if mode == "none":
@@ -325,17 +373,16 @@ def equalize(model: onnx.ModelProto, images: Sequence[np.ndarray], input_name: s
         result.message = "no equalizable conv pair in this model: nothing changed"
         log.info("equalization: %s", result.message)
         return result
-    ranges = channel_absmax(model, [p.middle for p in pairs], images, input_name)
-    result.outcomes = _choose(model, pairs, ranges, images, input_name, mode == "cle_gate")
+    result.outcomes = _choose(model, pairs, images, input_name, mode == "cle_gate", output_grid)
     reference_out = head_outputs(model, images, input_name)
     result.exact_max_rel_diff = _check_exact(model, result.outcomes, reference_out, images, input_name)
     result.int8_head_snr_db, result.class_rejections = _guard_classes(
         model, result.outcomes, reference_out, images, input_name)
-    _finish(model, result, ranges, reference_out, images, input_name)
+    _finish(model, result, reference_out, images, input_name)
     return result
 
 
-def _finish(model, result: EqualizationResult, ranges, reference_out, images, input_name) -> None:
+def _finish(model, result: EqualizationResult, reference_out, images, input_name) -> None:
     applied = result.applied
     if not applied:
         result.message = (f"{len(result.outcomes)} conv pairs found, none improved the measured "

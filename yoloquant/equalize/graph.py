@@ -8,9 +8,12 @@ and ReLU. For SiLU and HardSwish (x * HardSigmoid(x)) it is an approximation who
 measured (algorithm.py).
 
 Second convs may be dense (group 1), depthwise, or grouped; several may read the tensor (the
-same s_i goes into each). Not handled (reported as the reason a conv is in no pair): a middle
-tensor also read by a non-conv op (an SE gate, a Concat, a residual Add, a graph output), a
-first conv whose weight is shared, channels reaching the second conv through Concat.
+same s_i goes into each). The scaled channels may also reach them through ops that commute with
+a positive per-channel scale (PASS_THROUGH: pooling, ReLU, and a Mul by a tensor that does not
+depend on the scaled ones): that is how an SE block reads its input (x * gate(GAP(x)): the
+GAP's scale is undone by the SE's first conv, so the gate is unchanged). Not handled (reported
+as the reason a conv is in no pair): a scaled tensor read by anything else (Concat, a residual
+Add, a sigmoid, a graph output), a first conv whose weight is shared.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import onnx
 
 # activations by their exactness under per-channel positive scaling
 EXACT = ("identity", "relu")
+PASS_THROUGH = ("GlobalAveragePool", "MaxPool", "AveragePool", "Relu")
 APPROXIMATE = ("hardswish", "silu")
 
 
@@ -30,13 +34,18 @@ class Pair:
     activation: str  # identity / relu / hardswish / silu
     middle: str  # the tensor the second convs read (after the activation)
     seconds: tuple  # Conv node names reading `middle`, whose input channels are scaled by s
+    through: tuple = ()  # nodes between middle and seconds that pass the scale on (PASS_THROUGH, Mul)
+    side: tuple = ()  # unscaled tensors those Muls multiply by (an SE gate)
 
     @property
     def exact(self) -> bool:
         return self.activation in EXACT
 
     def as_dict(self) -> dict:
-        return {"first": self.first, "activation": self.activation, "second": list(self.seconds)}
+        d = {"first": self.first, "activation": self.activation, "second": list(self.seconds)}
+        if self.through:
+            d["through"] = list(self.through)
+        return d
 
 
 def readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
@@ -53,8 +62,6 @@ def _activation(out: str, by_tensor: dict, graph_outputs: set) -> tuple[Optional
     users = by_tensor.get(out, [])
     if out in graph_outputs:
         return None, None, "its output is a graph output"
-    if users and all(u.op_type == "Conv" and u.input[0] == out for u in users):
-        return "identity", out, ""
     if len(users) == 1 and users[0].op_type == "Relu":
         return "relu", users[0].output[0], ""
     if len(users) == 2:
@@ -66,8 +73,8 @@ def _activation(out: str, by_tensor: dict, graph_outputs: set) -> tuple[Optional
             if gate.op_type == "HardSigmoid" and not _is_hardswish_gate(gate):
                 return None, None, "HardSigmoid with alpha/beta other than HardSwish's"
             return ("hardswish" if gate.op_type == "HardSigmoid" else "silu"), mul.output[0], ""
-    kinds = sorted({u.op_type for u in users}) or ["nothing"]
-    return None, None, f"its output is read by {'+'.join(kinds)} (not a lone activation or conv)"
+    # anything else: the raw output itself, if its readers pass the scale on (_closure decides)
+    return "identity", out, ""
 
 
 def _is_hardswish_gate(node: onnx.NodeProto) -> bool:
@@ -101,21 +108,48 @@ def find_pairs(model: onnx.ModelProto) -> tuple[list[Pair], dict[str, str]]:
         if kind is None:
             why_not[node.name] = reason
             continue
-        seconds = by_tensor.get(middle, [])
-        if middle in outputs or not seconds or not all(
-                s.op_type == "Conv" and s.input[0] == middle and s.input[1] in inits
-                and weight_users[s.input[1]] == 1 for s in seconds):
-            ops = sorted({s.op_type for s in seconds}) or ["nothing"]
-            why_not[node.name] = (f"its {kind} output is read by {'+'.join(ops)}, not only by "
-                                  "convs with their own constant weights")
+        found = _closure(middle, by_tensor, inits, outputs, weight_users)
+        if isinstance(found, str):
+            why_not[node.name] = f"its {kind} output {found}"
             continue
-        pairs.append(Pair(node.name, kind, middle, tuple(s.name for s in seconds)))
+        pairs.append(Pair(node.name, kind, middle, *found))
     return pairs, why_not
 
 
+def _closure(middle: str, by_tensor: dict, inits: set, outputs: set, weight_users: dict):
+    """(second convs, pass-through nodes, side tensors) reached from `middle`, or why not."""
+    scaled, stack, seconds, through, side = {middle}, [middle], [], [], []
+    while stack:
+        t = stack.pop()
+        if t in outputs:
+            return "reaches a graph output"
+        for u in by_tensor.get(t, []):
+            if u.op_type == "Conv" and u.input[0] == t and u.input[1] in inits \
+                    and weight_users[u.input[1]] == 1 and t not in u.input[1:]:
+                if u.name not in seconds:
+                    seconds.append(u.name)
+                continue
+            if u.op_type in PASS_THROUGH and list(u.input[:1]) == [t]:
+                pass
+            elif u.op_type == "Mul" and len(u.input) == 2 and list(u.input).count(t) == 1:
+                side.append(next(i for i in u.input if i != t))
+            else:
+                return f"is read by {u.op_type} (not a conv or an op the scale passes through)"
+            if u.name not in through:
+                through.append(u.name)
+                scaled.add(u.output[0])
+                stack.append(u.output[0])
+    if not seconds:
+        return "reaches no conv"
+    if scaled & set(side):
+        return "is multiplied by itself (the scale would not cancel)"
+    return tuple(seconds), tuple(through), tuple(dict.fromkeys(side))
+
+
 def pair_subgraph(model: onnx.ModelProto, pair: Pair) -> onnx.ModelProto:
-    """The pair alone: first conv, its activation and the second convs, reading the first conv's
-    input as the graph input, giving the second convs' outputs. Judging a pair on it keeps the
+    """The pair alone: first conv, its activation, the pass-through nodes and the second convs,
+    reading the first conv's input (and the side tensors) as graph inputs, giving the second
+    convs' outputs. Judging a pair on it keeps the
     other pairs' (approximate) rewrites out of its measurement."""
     from onnx import TensorProto, helper
 
@@ -129,11 +163,12 @@ def pair_subgraph(model: onnx.ModelProto, pair: Pair) -> onnx.ModelProto:
         members += [n for n in graph.node if n in act or (
             n.op_type == "Mul" and any(n.input[k] in {o for a in act for o in a.output}
                                        for k in range(len(n.input))) and n.output[0] == pair.middle)]
-    members += [by_name[s] for s in pair.seconds]
+    members += [by_name[s] for s in pair.through + pair.seconds]
     used = {t for n in members for t in n.input}
     inits = [i for i in graph.initializer if i.name in used]
     value = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, None)  # noqa: E731
-    sub = helper.make_graph([n for n in graph.node if n in members], "pair", [value(first.input[0])],
+    inputs = [value(t) for t in (first.input[0],) + pair.side]
+    sub = helper.make_graph([n for n in graph.node if n in members], "pair", inputs,
                             [value(by_name[s].output[0]) for s in pair.seconds], inits)
     out = helper.make_model(sub, opset_imports=list(model.opset_import))
     out.ir_version = model.ir_version

@@ -23,9 +23,17 @@ from ..reconstruct import session_with_outputs
 MAX_DB = 300.0
 
 
-def _run(session, names: list, images: Sequence[np.ndarray], input_name: str):
+def feed(img, input_name: str) -> dict:
+    """An image (CHW) as the input of `input_name`, or a ready {name: tensor} feed (a pair's
+    subgraph has several inputs)."""
+    if isinstance(img, dict):
+        return img
+    return {input_name: np.asarray(img, np.float32)[None]}
+
+
+def _run(session, names: list, images: Sequence, input_name: str):
     for img in images:
-        yield dict(zip(names, session.run(names, {input_name: np.asarray(img, np.float32)[None]})))
+        yield dict(zip(names, session.run(names, feed(img, input_name))))
 
 
 def channel_absmax(model: onnx.ModelProto, tensors: Sequence[str], images: Sequence[np.ndarray],
@@ -79,9 +87,8 @@ def layer_error_db(reference: onnx.ModelProto, model: onnx.ModelProto, convs: Se
     session = _session_without_rewrites(probe)
     sums: dict[str, list] = {c: [0, 0.0, 0.0, 0.0] for c in convs}
     for img in images:
-        x = np.asarray(img, np.float32)[None]
-        ref = dict(zip(outs, ref_session.run(outs, {input_name: x})))
-        got = dict(zip(names, session.run(names, {input_name: x})))
+        ref = dict(zip(outs, ref_session.run(outs, feed(img, input_name))))
+        got = dict(zip(names, session.run(names, feed(img, input_name))))
         for conv, y, y_q in pairs:
             f = ref[y].astype(np.float64)
             scale = out_scale.get(conv)
