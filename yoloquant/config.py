@@ -310,6 +310,8 @@ def _validate(cfg: Config) -> Config:
     if cfg.input_size is not None:
         if len(cfg.input_size) != 2 or not all(isinstance(v, int) and v > 0 for v in cfg.input_size):
             raise ConfigError(f"config: input_size must be [height, width], got {cfg.input_size}")
+    if cfg.equalization_images < 1:
+        raise ConfigError("config: equalization_images must be at least 1")
     if cfg.PTQ.batch_nums < 1 or cfg.PTQ.batch_size < 1:
         raise ConfigError("config: PTQ.batch_nums and PTQ.batch_size must be at least 1")
     if not 0.0 < cfg.PTQ.hist_percent <= 1.0:

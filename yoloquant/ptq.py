@@ -255,6 +255,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     """Convert, calibrate with Paddle's (fixed) PTQ into work_dir, and map scales to ONNX Convs."""
     from .calibration import calibration_loader, run_ptq
     from .convert import convert_onnx_to_paddle
+    from .equalize.job import equalize_float_model
     from .onnx_normalize import conv_constants_to_initializers
     from .precision import SNR_IMAGES, choose_float_convs, output_grid
     from .qdq import ConvQuantParams
@@ -352,33 +353,6 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                        equalization=equalized)
 
 
-def equalize_float_model(cfg: Config, onnx_model: onnx.ModelProto, images: list, input_name: str):
-    """Cross-layer equalization of the float model (config `equalization`; yoloquant/equalize)."""
-    from .equalize import equalize
-
-    # ONNX Runtime's layouts requantize conv outputs; Paddle, OpenVINO and TensorRT do not
-    result = equalize(onnx_model, images[:cfg.equalization_images], input_name, cfg.equalization,
-                      output_grid=cfg.deploy_backend in ("onnxruntime", "conv_only"))
-    if cfg.equalization != "none":
-        log.info("equalization (%s): %s", cfg.equalization, result.message)
-    return result
-
-
-def float_conv_explanations(cal: Calibration, float_convs) -> dict:
-    """{float conv: why equalization did not bring it into 8 bits}."""
-    user = set(cal.user_skip.values())
-    out = {}
-    for conv in float_convs:
-        why = cal.float_reasons.get(conv, "")
-        if conv in user:
-            out[conv] = "named in skip_tensor_list"
-        elif why.startswith("regression"):
-            out[conv] = "kept float by keep_regression_float (its output's use, not its input's range)"
-        elif cal.equalization is not None:
-            out[conv] = cal.equalization.why_float(conv)
-    return dict(sorted(out.items()))
-
-
 def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, input_name: str,
                        paddle_model: Path, to_paddle: dict, timer: Timer) -> list:
     """GPTQ int8 weights for every conv in params, written into the saved Paddle int8 model and
@@ -467,6 +441,8 @@ def exact_input_grids(cal: Calibration) -> dict:
 
 def run_summary(cal: Calibration, activation_type: str, started: str, command: str,
                 float_nodes=()) -> dict:
+    from .equalize.job import float_conv_explanations, original_sha
+
     cfg, converted = cal.cfg, cal.converted
     quantized = sorted(p.node_name for p in cal.conv_params if p.node_name not in set(float_nodes))
     kept = [n for n in cal.onnx_model.graph.node if n.name not in set(quantized)]
@@ -475,8 +451,8 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "started": started,
         "config": to_dict(cfg),
         # sha256: the user's model; with equalization the converted (equalized) one differs
-        "model": {"path": cfg.model_dir, "sha256": _original_sha(cal),
-                  "equalized_sha256": converted.sha256 if _original_sha(cal) != converted.sha256 else None,
+        "model": {"path": cfg.model_dir, "sha256": original_sha(cal),
+                  "equalized_sha256": converted.sha256 if original_sha(cal) != converted.sha256 else None,
                   "input": converted.onnx_input_name, "input_shape": list(converted.input_shape),
                   "paddle_conversion_max_abs_diff": converted.max_abs_diff,
                   "onnx_rewrites": converted.normalize_counts},
@@ -510,14 +486,6 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "machine": machine(),
         "seconds": cal.timer.seconds,
     }
-
-
-def _original_sha(cal: Calibration) -> str:
-    from .provenance import file_sha256
-
-    if cal.equalization is None or not cal.equalization.applied:
-        return cal.converted.sha256
-    return file_sha256(cal.cfg.model_dir)
 
 
 def check_artifacts(out_dir: Path, cal: Calibration) -> dict:
