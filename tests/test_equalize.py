@@ -269,3 +269,12 @@ def test_real_yolov6_lite_equalizes_exactly():
     held = imgs[4:]
     assert max_relative_diff(head_outputs(model, held, probe.input_name),
                              head_outputs(rewrite(model, exact), held, probe.input_name)) <= EXACT_TOLERANCE
+
+
+def test_bad_equalization_keys_are_config_errors():
+    from yoloquant.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="choose one of none, cle, cle_gate"):
+        config_from_dict({"model_dir": "m.onnx", "equalization": "clee"})
+    with pytest.raises(ConfigError, match="equalization_images must be at least 1"):
+        config_from_dict({"model_dir": "m.onnx", "equalization_images": 0})
