@@ -72,9 +72,9 @@ from yoloquant.stats import CI_NOTE, paired_delta, resample_weights  # noqa: E40
 log = logging.getLogger("yoloquant.bench")
 
 DEFAULT_CONFIGS = ("configs/yolov5n_coco_mini.yaml", "configs/yolox_nano_coco_mini.yaml",
-                   "configs/yolov6lite_m_320_coco_mini.yaml")
+                   "configs/yolov6lite_m_320_ptq.yaml")
 # used while configs/ has no YOLOv6-Lite config of its own
-BENCH_CONFIGS = {"configs/yolov6lite_m_320_coco_mini.yaml": "bench/configs/yolov6lite_m_320_coco_mini.yaml"}
+BENCH_CONFIGS = {"configs/yolov6lite_m_320_ptq.yaml": "bench/configs/yolov6lite_m_320_coco_mini.yaml"}
 DEMO_CONFIG = "configs/demo.yaml"
 EXTRA_PACKAGES = ("openvino", "nncf")
 

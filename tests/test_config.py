@@ -22,6 +22,12 @@ def test_all_shipped_configs_load_and_the_seed_files_are_there():
     names = {p.stem for p in CONFIGS}
     assert set(SEED_CONFIGS) <= names
     assert {"yolov5n_coco_mini", "yolox_nano_coco_mini"} <= names
+    lite = {f"yolov6lite_m_{size}_{job}" for size in (320, 640) for job in ("ptq", "analysis", "fine_tune")}
+    assert lite <= names
+    for name in sorted(lite):  # the real YOLOv6-Lite models of the shared assets, at their size
+        cfg = load_config(CONFIGS[0].parent / f"{name}.yaml")
+        assert cfg.arch == "YOLOv6" and cfg.model_dir.endswith(f"yolov6lite_m_{name.split('_')[2]}.onnx")
+        assert cfg.train_image_dir == "train2017_mini/images" and cfg.PTQ.calib_split == "train"
     for p in CONFIGS:
         cfg = load_config(p)
         assert cfg.model_dir, p

@@ -415,12 +415,8 @@ def test_yolov6_lite_int8_artifacts_load_run_and_keep_accuracy(tmp_path):
     0.2865, ONNX 0.2860; 75 of 154 convs float by the SNR rule)."""
     from yoloquant.evaluate import evaluate_backend, evaluate_saved
 
-    cfg = load_config(ROOT / "configs" / "yolov5n_coco_mini.yaml")
-    cfg = config_from_dict({**{k: getattr(cfg, k) for k in (
-        "dataset_dir", "train_image_dir", "train_anno_path", "val_image_dir", "val_anno_path")},
-        "arch": "YOLOv6", "model_dir": str(Path(cfg.model_dir).with_name("yolov6lite_m_320.onnx")),
-        "PTQ": {"algo": "avg", "batch_nums": 32}})
-    assert Path(cfg.model_dir).is_file()
+    cfg = load_config(ROOT / "configs" / "yolov6lite_m_320_ptq.yaml")
+    assert Path(cfg.model_dir).is_file() and cfg.arch == "YOLOv6" and cfg.PTQ.batch_nums == 32
     result = quantize(cfg, tmp_path)
     assert set(result.summary["artifacts_ran"]) == {"model.pdmodel", QDQ_ONNX}
     rows = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, str(tmp_path))}

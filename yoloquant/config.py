@@ -36,6 +36,7 @@ ANALYSIS_METRICS = ("noise", "map")
 # the QDQ ONNX layouts (yoloquant/qdq/rules.py RULES, plus the earlier conv-only one); kept here
 # as literals so the config module imports nothing heavy
 DEPLOY_BACKENDS = ("onnxruntime", "openvino", "tensorrt", "conv_only")
+EQUALIZATIONS = ("none", "cle", "cle_gate")  # yoloquant/equalize/algorithm.py
 
 
 def _key(default, help: str, choices: tuple = ()):  # noqa: A002 - 'help' reads best here
@@ -127,6 +128,17 @@ class Config:
                                 "yoloquant/gptq.py; +8-12 s on yolov5n). Helps per-tensor weights; "
                                 "with per-channel weights no gain beyond noise (README)",
                                 WEIGHT_ROUNDINGS)
+    equalization: str = _key("none", "cross-layer equalization of the float model before "
+                             "conversion and calibration (yoloquant/equalize/; both int8 "
+                             "artifacts carry it): cle rescales Conv -> ReLU/identity/SiLU/"
+                             "HardSwish -> Conv pairs so the tensor between them has even "
+                             "per-channel ranges (exact for ReLU/identity, approximate for "
+                             "SiLU/HardSwish); cle_gate makes SiLU/HardSwish pairs exact with a "
+                             "per-channel Mul in front of their gate. A pair (or an approximate "
+                             "class) that does not improve the measured 8-bit SNR is not applied; "
+                             "summary.json lists pairs and range spreads", EQUALIZATIONS)
+    equalization_images: int = _key(8, "calibration images (the first N) equalization measures "
+                                    "ranges and errors on")
     deploy_backend: str = _key("onnxruntime", "runtime the QDQ ONNX (model_int8.onnx) is laid out "
                                "for: where int8 flows between the convs and in which form "
                                "(yoloquant/qdq/rules.py); conv_only: the earlier layout, Q/DQ "
@@ -302,6 +314,8 @@ def _validate(cfg: Config) -> Config:
     if cfg.input_size is not None:
         if len(cfg.input_size) != 2 or not all(isinstance(v, int) and v > 0 for v in cfg.input_size):
             raise ConfigError(f"config: input_size must be [height, width], got {cfg.input_size}")
+    if cfg.equalization_images < 1:
+        raise ConfigError("config: equalization_images must be at least 1")
     if cfg.PTQ.batch_nums < 1 or cfg.PTQ.batch_size < 1:
         raise ConfigError("config: PTQ.batch_nums and PTQ.batch_size must be at least 1")
     if not 0.0 < cfg.PTQ.hist_percent <= 1.0:

@@ -134,6 +134,20 @@ def _probe_model(model: onnx.ModelProto, params: Sequence[ConvQuantParams]):
     return probe, pairs
 
 
+def _session_without_rewrites(probe: onnx.ModelProto):
+    """CPU session with no graph rewrites: ORT would otherwise fold our Q/DQ into int8 kernels
+    with their own rounding."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several private exception types for bad models
+        raise ModelError(f"layer_snr: ONNX Runtime cannot load the probe model: {exc}") from exc
+
+
 def layer_snr(model: onnx.ModelProto, params: Sequence[ConvQuantParams], images: Sequence[np.ndarray],
               input_name: str, correct_bias: bool = False) -> dict[str, LayerSNR]:
     """8-bit SNR of each conv in ``params`` on ``images`` (CHW float arrays); see the module doc.
@@ -143,21 +157,12 @@ def layer_snr(model: onnx.ModelProto, params: Sequence[ConvQuantParams], images:
     Why: rounding weights to nearest and clipping the input shift each channel's output by a
     roughly constant amount (the inputs after SiLU are mostly positive, so weight rounding
     errors do not average out); a bias can absorb that part exactly."""
-    import onnxruntime as ort
-
     if not params:
         return {}
     if not len(images):
         raise ModelError("layer_snr needs at least one image")
     probe, pairs = _probe_model(model, params)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    # no graph rewrites: ORT would otherwise fold our Q/DQ into int8 kernels with their own rounding
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    try:
-        session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # ORT raises several private exception types for bad models
-        raise ModelError(f"layer_snr: ONNX Runtime cannot load the probe model: {exc}") from exc
+    session = _session_without_rewrites(probe)
     names = [t for _, y, y_q in pairs for t in (y, y_q)]
     sums: dict[str, list] = {}
     for img in images:

@@ -9,6 +9,7 @@ convs); the decode subgraph stays float.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,6 +263,8 @@ class Calibration:
     # between convs; measured on first use by build_qdq) and what the last placement did
     tensor_ranges: dict = field(default_factory=dict)
     placement: Optional[dict] = None
+    # what cross-layer equalization did to the float model (equalize.EqualizationResult)
+    equalization: Optional[object] = None
 
     def onnx_to_paddle(self) -> dict:
         return {v: k for k, v in self.paddle_to_onnx.items()}
@@ -272,6 +275,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     """Convert, calibrate with Paddle's (fixed) PTQ into work_dir, and map scales to ONNX Convs."""
     from .calibration import calibration_loader, run_ptq
     from .convert import convert_onnx_to_paddle
+    from .equalize.job import equalize_float_model
     from .onnx_normalize import conv_constants_to_initializers
     from .precision import SNR_IMAGES, choose_float_convs, output_grid
     from .qdq import ConvQuantParams
@@ -285,16 +289,25 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     with timer("load_calibration_images"):
         images, image_ids = load_images(calib, cfg.workers)
     log.info("calibrating on %d images from %s", len(images), calib.image_dir)
-    with timer("convert"):
+    with timer("equalize"):
+        onnx_model = onnx.load(cfg.model_dir)
+        conv_constants_to_initializers(onnx_model)
+        onnx_model = upgrade_opset(onnx_model, images[0][None], probe.input_name)
+        equalized = equalize_float_model(cfg, onnx_model, images, probe.input_name)
+        onnx_model = equalized.model
+    with tempfile.TemporaryDirectory(prefix="yoloquant-eq-") as tmp, timer("convert"):
+        # the equalized float model is what gets converted, so the Paddle int8 model carries
+        # the same weights as the QDQ ONNX written from onnx_model
+        source = cfg.model_dir
+        if equalized.applied:
+            source = str(Path(tmp) / Path(cfg.model_dir).name)
+            onnx.save(onnx_model, source)
         # verify the conversion on a real, correctly preprocessed calibration image
-        converted = convert_onnx_to_paddle(cfg.model_dir, cache_dir=cfg.cache_dir,
+        converted = convert_onnx_to_paddle(source, cache_dir=cfg.cache_dir,
                                            verify_image=images[0][None],
                                            tolerance=cfg.verify_tolerance)
     conv_weights = _conv_weight_names(converted.model_file)
     with timer("onnx_map"):
-        onnx_model = onnx.load(cfg.model_dir)
-        conv_constants_to_initializers(onnx_model)
-        onnx_model = upgrade_opset(onnx_model, images[0][None], converted.onnx_input_name)
         all_to_onnx = map_convs_to_onnx(onnx_model, paddle_params(
             converted.model_file, converted.params_file, conv_weights))
     user_skip = resolve_skip_list(cfg.skip_tensor_list, all_to_onnx)
@@ -356,7 +369,8 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                                     Path(work_dir) / PADDLE_MODEL,
                                     {v: k for k, v in to_onnx.items()}, timer)
     return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,
-                       image_ids, str(calib.image_dir), timer, float_reasons, layer_snr, user_skip)
+                       image_ids, str(calib.image_dir), timer, float_reasons, layer_snr, user_skip,
+                       equalization=equalized)
 
 
 def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, input_name: str,
@@ -444,6 +458,8 @@ def exact_input_grids(cal: Calibration) -> dict:
 
 def run_summary(cal: Calibration, activation_type: str, started: str, command: str,
                 float_nodes=()) -> dict:
+    from .equalize.job import float_conv_explanations, original_sha
+
     cfg, converted = cal.cfg, cal.converted
     quantized = sorted(p.node_name for p in cal.conv_params if p.node_name not in set(float_nodes))
     kept = [n for n in cal.onnx_model.graph.node if n.name not in set(quantized)]
@@ -451,7 +467,9 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "command": command,
         "started": started,
         "config": to_dict(cfg),
-        "model": {"path": cfg.model_dir, "sha256": converted.sha256,
+        # sha256: the user's model; with equalization the converted (equalized) one differs
+        "model": {"path": cfg.model_dir, "sha256": original_sha(cal),
+                  "equalized_sha256": converted.sha256 if original_sha(cal) != converted.sha256 else None,
                   "input": converted.onnx_input_name, "input_shape": list(converted.input_shape),
                   "paddle_conversion_max_abs_diff": converted.max_abs_diff,
                   "onnx_rewrites": converted.normalize_counts},
@@ -469,8 +487,12 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "kept_float": {"onnx_nodes": len(kept),
                        "conv_nodes": sorted(n.name for n in kept if n.op_type == "Conv"),
                        "conv_reasons": dict(sorted(cal.float_reasons.items())),
+                       "why_equalization_did_not_save": float_conv_explanations(
+                           cal, [n.name for n in kept if n.op_type == "Conv"]),
                        "op_types": sorted({n.op_type for n in kept})},
+        # judged after equalization: the SNRs are those of the equalized model
         "layer_snr_db": {k: round(v.snr_db, 2) for k, v in cal.layer_snr.items()},
+        "equalization": cal.equalization.as_dict() if cal.equalization is not None else None,
         "deploy_backend": cfg.deploy_backend,
         # where int8 flows (yoloquant/qdq/placement.py); unknown_ops: nodes left float because
         # the placement does not know their op type

@@ -10,13 +10,25 @@ GATES = ("Sigmoid", "HardSigmoid")
 UNIT = (0.0, 1.0)
 
 
+def _gate_reads(g, x, ctx) -> bool:
+    """g reads x, or x times a constant (equalization's exact form of a rescaled SiLU /
+    HardSwish: x/s * gate(s * x/s), yoloquant/equalize), the product read by g alone."""
+    if g.input[0] == x:
+        return True
+    scale = ctx.producer.get(g.input[0])
+    return (scale is not None and scale.op_type == "Mul" and x in scale.input
+            and all(t == x or ctx.is_const(t) for t in scale.input)
+            and len(ctx.readers.get(g.input[0], [])) == 1)
+
+
 def gate_of(mul, ctx):
-    """The Sigmoid/HardSigmoid node g when ``mul`` computes x * g(x), else None."""
+    """The Sigmoid/HardSigmoid node g when ``mul`` computes x * g(x) (or x * g(c * x), c a
+    constant), else None."""
     if mul.op_type != "Mul" or len(mul.input) != 2:
         return None
     for i in (0, 1):
         g = ctx.producer.get(mul.input[i])
-        if g is not None and g.op_type in GATES and g.input[0] == mul.input[1 - i] \
+        if g is not None and g.op_type in GATES and _gate_reads(g, mul.input[1 - i], ctx) \
                 and len(ctx.readers.get(g.output[0], [])) == 1:
             return g
     return None
