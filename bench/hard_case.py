@@ -248,9 +248,10 @@ def main() -> int:
     for name, folder in ft.items():
         models[name] = onnx_model(folder / QDQ_ONNX)
         models[name + " Paddle int8"] = paddle_model(folder)
-        s = json.loads((folder / SUMMARY).read_text())["reconstruction"]
-        ft_info[name] = {"deployed": s["deployed"], "guard": s["guard"], "seconds":
-                         json.loads((folder / SUMMARY).read_text())["seconds"].get("reconstruction")}
+        summary = json.loads((folder / SUMMARY).read_text())
+        rs = summary["reconstruction"]
+        ft_info[name] = {"deployed": rs["deployed"], "guard": rs["guard"],
+                         "seconds": summary["seconds"].get("reconstruction")}
     scores = score_sets(sets, models)
     weights = {s: resample_weights(rows["FP32"].matches.images) for s, rows in scores.items()}
     report.update(analysis=analysis, fine_tune=ft_info, seconds=round(time.perf_counter() - started),
