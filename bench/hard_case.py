@@ -37,7 +37,7 @@ from yoloquant.config import load_config  # noqa: E402
 from yoloquant.evaluate import evaluate_backend, heldout_config  # noqa: E402
 from yoloquant.fileio import write_json  # noqa: E402
 from yoloquant.provenance import machine, machine_line, package_versions  # noqa: E402
-from yoloquant.ptq import PADDLE_MODEL, QDQ_ONNX, SUMMARY, quantize  # noqa: E402
+from yoloquant.ptq import QDQ_ONNX, SUMMARY, quantize  # noqa: E402
 from yoloquant.runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles  # noqa: E402
 from yoloquant.stats import CI_NOTE, bootstrap_interval, paired_delta, resample_weights  # noqa: E402
 from yoloquant.validator import compare_to  # noqa: E402

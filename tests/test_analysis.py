@@ -3,7 +3,6 @@ import json
 import math
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import yaml
@@ -16,6 +15,7 @@ from yoloquant.config import config_from_dict
 from yoloquant.errors import ConfigError
 
 from test_ptq import tiny_yolo_onnx  # pytest puts tests/ on sys.path
+from tiny_job import write_split
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_assets = pytest.mark.skipif(not have_assets(), reason="real assets not found "
@@ -84,19 +84,8 @@ def test_resume_is_a_real_switch():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_analysis")
     tiny_yolo_onnx(root / "tiny.onnx")
-    rng = np.random.default_rng(3)
-    for split in ("train", "val"):
-        (root / split).mkdir()
-        images, annotations = [], []
-        for i in range(6):
-            name = f"{split}{i}.jpg"
-            cv2.imwrite(str(root / split / name), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-            images.append({"id": i + 1, "file_name": name, "height": 64, "width": 64})
-            annotations.append({"id": i + 1, "image_id": i + 1, "category_id": 1 + i % 2,
-                                "bbox": [8, 8, 20, 24], "area": 480, "iscrowd": 0})
-        (root / f"{split}.json").write_text(json.dumps({
-            "images": images, "annotations": annotations,
-            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}))
+    write_split(root, "train")
+    write_split(root, "val")
     raw = {"model_dir": str(root / "tiny.onnx"), "dataset_dir": str(root),
            "train_image_dir": "train", "train_anno_path": "train.json", "val_image_dir": "val",
            "val_anno_path": "val.json", "cache_dir": str(root / "cache"),
@@ -226,7 +215,8 @@ LAYERS = ["conv2d_0.w_0", "conv2d_5.w_0", "conv2d_59.w_0"]  # stem, a backbone c
 def yolov5n_cfg(save_dir: Path, **extra):
     raw = yaml.safe_load((ROOT / "configs" / "yolov5n_analysis.yaml").read_text())
     raw.update(save_dir=str(save_dir), analysis_layers=LAYERS, analysis_max_images=5,
-               analysis_proxy_images=2, get_target_quant_model=False, target_metric=None)
+               analysis_proxy_images=2, get_target_quant_model=False, target_metric=None,
+               target_drop=None)
     raw["PTQ"] = dict(raw["PTQ"], batch_nums=8)
     raw.update(extra)
     return config_from_dict(raw)

@@ -168,19 +168,11 @@ def test_a_pair_that_measures_worse_is_rejected():
 
 
 def test_post_quant_carries_the_equalized_weights_into_both_artifacts(tmp_path):
-    import cv2
-
-    from tests.test_ptq import tiny_yolo_onnx
+    from tests.test_ptq import tiny_calibration_job
     from yoloquant.ptq import QDQ_ONNX, SUMMARY, quantize
     from yoloquant.runtime import OnnxRuntimeBackend
 
-    tiny_yolo_onnx(tmp_path / "tiny.onnx")
-    (tmp_path / "calib").mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(4):
-        cv2.imwrite(str(tmp_path / "calib" / f"img{i}.jpg"), rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
-    raw = {"model_dir": str(tmp_path / "tiny.onnx"), "dataset_dir": str(tmp_path), "train_image_dir": "calib",
-           "cache_dir": str(tmp_path / "cache"), "PTQ": {"algo": "avg", "batch_nums": 4}}
+    raw = tiny_calibration_job(tmp_path, images=4, shape=lambda i: (64, 80, 3))
     out = tmp_path / "eq_out"
     quantize(config_from_dict(dict(raw, equalization="cle_gate")), out)
     summary = json.loads((out / SUMMARY).read_text())

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnx
 import pytest
@@ -18,7 +17,7 @@ from yoloquant.ptq import QDQ_ONNX, SUMMARY, calibrate, paddle_params
 from yoloquant.reconstruct import ReconSettings, build_units, find_regions, reconstruct
 from yoloquant.runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles
 
-from test_ptq import tiny_yolo_onnx
+from test_ptq import tiny_calibration_job, tiny_yolo_onnx
 
 ROOT = Path(__file__).resolve().parent.parent
 needs_assets = pytest.mark.skipif(not have_assets(), reason="real assets not found "
@@ -28,14 +27,7 @@ needs_assets = pytest.mark.skipif(not have_assets(), reason="real assets not fou
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_ft")
-    tiny_yolo_onnx(root / "tiny.onnx")
-    (root / "calib").mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        cv2.imwrite(str(root / "calib" / f"img{i}.jpg"), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    raw = {"model_dir": str(root / "tiny.onnx"), "dataset_dir": str(root), "train_image_dir": "calib",
-           "cache_dir": str(root / "cache" / "x2paddle"), "PTQ": {"algo": "avg", "batch_nums": 6}}
-    return root, raw
+    return root, tiny_calibration_job(root, batch_nums=6, cache="cache/x2paddle")
 
 
 def _weights_over_scale(cal):

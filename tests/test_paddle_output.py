@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from paddle.base.proto import framework_pb2
 
-from yoloquant.config import config_from_dict
 from yoloquant.paddle_output import canonical_program, quiet_ptq
 from yoloquant.ptq import PADDLE_MODEL, quantize
 from yoloquant.runtime import PaddleInferenceBackend, PaddleModelFiles

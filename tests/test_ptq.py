@@ -58,18 +58,23 @@ def tiny_yolo_onnx(path: Path, seed: int = 0, opset: int = 13) -> None:
     onnx.save(model, str(path))
 
 
+def tiny_calibration_job(root: Path, images: int = 6, batch_nums: int = 4,
+                         shape=lambda i: (64, 64, 3), cache: str = "cache") -> dict:
+    """The tiny detector and `images` random-pixel calibration JPEGs (image i of shape
+    shape(i)) under root; returns the raw config dict of a post_quant job on them."""
+    tiny_yolo_onnx(root / "tiny.onnx")
+    (root / "calib").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(images):
+        cv2.imwrite(str(root / "calib" / f"img{i}.jpg"), rng.integers(0, 255, shape(i), dtype=np.uint8))
+    return {"model_dir": str(root / "tiny.onnx"), "dataset_dir": str(root), "train_image_dir": "calib",
+            "cache_dir": str(root / cache), "PTQ": {"algo": "avg", "batch_nums": batch_nums}}
+
+
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    tiny_yolo_onnx(root / "tiny.onnx")
-    images = root / "calib"
-    images.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        cv2.imwrite(str(images / f"img{i}.jpg"), rng.integers(0, 255, (48 + 8 * i, 80, 3), dtype=np.uint8))
-    raw = {"model_dir": str(root / "tiny.onnx"), "dataset_dir": str(root), "train_image_dir": "calib",
-           "cache_dir": str(root / "cache"), "PTQ": {"algo": "avg", "batch_nums": 4}}
-    return root, raw
+    return root, tiny_calibration_job(root, shape=lambda i: (48 + 8 * i, 80, 3))
 
 
 def test_tiny_model_end_to_end(tiny_setup):

@@ -8,6 +8,7 @@ from typing import Iterable, Sequence
 import onnx
 
 from ..errors import ModelError
+from .params import ConvQuantParams
 
 
 def _unique_namer(graph: onnx.GraphProto):
