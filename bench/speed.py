@@ -73,8 +73,6 @@ log = logging.getLogger("yoloquant.bench")
 
 DEFAULT_CONFIGS = ("configs/yolov5n_coco_mini.yaml", "configs/yolox_nano_coco_mini.yaml",
                    "configs/yolov6lite_m_320_ptq.yaml")
-# used while configs/ has no YOLOv6-Lite config of its own
-BENCH_CONFIGS = {"configs/yolov6lite_m_320_ptq.yaml": "bench/configs/yolov6lite_m_320_coco_mini.yaml"}
 DEMO_CONFIG = "configs/demo.yaml"
 EXTRA_PACKAGES = ("openvino", "nncf")
 
@@ -498,8 +496,7 @@ def default_configs() -> list[str]:
     from yoloquant.assets import have_assets
 
     if have_assets():
-        return [str(REPO / c) if (REPO / c).is_file() else str(REPO / BENCH_CONFIGS[c])
-                for c in DEFAULT_CONFIGS]
+        return [str(REPO / c) for c in DEFAULT_CONFIGS]
     demo = REPO / DEMO_CONFIG
     if demo.is_file():
         return [str(demo)]
