@@ -214,6 +214,8 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=list(RECON), choices=list(RECON))
     p.add_argument("--inputs", nargs="+", default=list(RECON_INPUTS), choices=list(RECON_INPUTS))
     p.add_argument("--no_analysis", action="store_true", help="skip steps 2-4")
+    p.add_argument("--tag", default="", help="appended to the result files' names, so a partial "
+                   "run (e.g. --no_analysis --methods BRECQ) does not replace a whole one")
     args = p.parse_args()
     setup_logging(verbose=False)
     work = Path(args.work)
@@ -261,7 +263,7 @@ def main() -> int:
             base = "PTQ (Paddle int8)" if "Paddle" in n else "PTQ"
             if n not in ("FP32", base):
                 report["results"][s][n]["vs_ptq"] = recovery(rows["FP32"], rows[base], r, weights[s])
-    stem = f"hard_case_{Path(args.config_path).stem}" + ("" if args.case == "hard" else "_easy")
+    stem = f"hard_case_{Path(args.config_path).stem}" + ("" if args.case == "hard" else "_easy") + (f"_{args.tag}" if args.tag else "")
     write_json(Path(args.out) / f"{stem}.json", report)
     lines = [f"# {'Hard' if args.case == 'hard' else 'Easy'} case: {Path(args.config_path).stem}", "",
              machine_line(report["machine"]), "",
