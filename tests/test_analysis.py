@@ -169,7 +169,23 @@ def test_tiny_model_target_search_measures_the_model_it_saves(tiny):
     assert found["met"] and found["target_drop"] == 0.0
     assert found["confirmed_map"] == pytest.approx(found["searched_map"], abs=1e-9)
     assert found["full_evaluations"] == len(found["evaluations"]) + 1  # no walk after the save
+    d = found["all_int8_delta"]  # set when the all-int8 model missed the target
+    if d is not None:
+        assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
+        assert "deployed all-int8 model vs float" in (save / RANK_TXT).read_text()
     assert (save / TARGET_DIR / "model_int8.onnx").is_file()
+
+
+def test_a_missed_target_inside_the_all_int8_interval_is_called_noise():
+    from yoloquant.analysis.target import noise_warning
+    from yoloquant.stats import Interval
+
+    # yolov5n on 64 images: all-int8 -1.03 points, the target 1 point below float
+    warning = noise_warning(-0.0100, Interval(-0.0103, -0.0190, -0.0020), 64)
+    assert "misses the target by 0.03 points" in warning and "64 images" in warning
+    assert "-1.03 [-1.90, -0.20]" in warning
+    assert noise_warning(-0.0100, Interval(-0.0090, -0.0190, -0.0020), 64) is None  # met
+    assert noise_warning(-0.0100, Interval(-0.0300, -0.0400, -0.0200), 64) is None  # clearly missed
 
 
 def test_unknown_analysis_layer_names_the_closest(tiny):
@@ -306,6 +322,10 @@ def test_yolov5n_target_model_meets_the_target(yolov5n_runs):
     result = run_analysis(cfg, resume=True, progress=False)  # the sweep is reused, not redone
     found = result.target
     assert found["met"] and found["confirmed_map"] >= target
+    if found["float_layers"]:  # all-int8 missed the target: its interval against float was measured
+        d = found["all_int8_delta"]
+        assert d["ci95"][0] <= d["delta"] <= d["ci95"][1]
+        assert d["delta"] < target - whole.reference["float_map"] + 1e-9
     out = root / "whole" / TARGET_DIR
     assert (out / PADDLE_MODEL).is_file() and (out / QDQ_ONNX).is_file()
     summary = json.loads((out / SUMMARY).read_text())
