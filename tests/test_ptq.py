@@ -357,15 +357,21 @@ def test_yolov5n_int8_keeps_accuracy_in_both_runtimes(algo, yolov5n_fp32, tmp_pa
           f"ptq {result.summary['seconds']['ptq']} s")
     assert abs(fp32 - 0.3087) < 0.002  # the reference measured for the float model
     # Both artifacts carry the same scales; their mAPs differ by what each runtime does besides
-    # (ORT requantizes conv outputs and runs SiLU in 8 bits, Paddle's oneDNN int8 does not) and
-    # that difference moves with the CPU: calibration's float products (MKL) and the int8
-    # kernels take other code paths. bench/results/cpu_paths_yolov5n_coco_mini.md reran the job
-    # with oneDNN/MKL on the paths an AMD EPYC takes: |ONNX - Paddle| reached 0.69 points
-    # (abs_max; an EPYC itself showed 0.68), across five calibration draws 0.63
-    # (calibration_draws_*.md). One point bounds both with room, and still catches the two
-    # artifacts drifting apart (each must also stay within 2 points of FP32).
-    assert abs(onnx_int8 - paddle_int8) <= 0.010
-    assert fp32 - onnx_int8 <= 0.02 and fp32 - paddle_int8 <= 0.02
+    # (the onnxruntime layout also runs the glue between the convs in int8: conv outputs
+    # requantized, SiLU as QLinearSigmoid + QLinearMul, Concat/MaxPool/Resize on shared grids;
+    # Paddle's oneDNN int8 quantizes only the conv inputs), and that difference moves with the
+    # CPU (calibration's float products and the int8 kernels take other code paths) and with
+    # the evaluation images. Measured with this layout on an AMD EPYC 25/17 (and reproduced to
+    # the digit by CI): |ONNX - Paddle| up to 1.08 points on val (ptf: ONNX -1.78, Paddle -0.70;
+    # on the 134 held-out images the same pair differs by 0.43, ptf ONNX -0.29), 0.71 for emd,
+    # <= 0.46 for the others (bench/results/ptq_algorithms_yolov5n_coco_mini.md); with oneDNN
+    # and MKL held to AVX2 see cpu_paths_yolov5n_coco_mini.md (the conv-only layout on a Xeon:
+    # cpu_paths_yolov5n_coco_mini_xeon_6_167.md, 0.69). The paired interval of one such delta
+    # on 109 images is about +-1 point. 1.5 points between the runtimes and 2.5 below FP32 for
+    # each still catch what these asserts are for: artifacts whose scales drifted apart, or a
+    # collapse (the seed's hist export scored 0.000, mse 0.174).
+    assert abs(onnx_int8 - paddle_int8) <= 0.015
+    assert fp32 - onnx_int8 <= 0.025 and fp32 - paddle_int8 <= 0.025
 
 
 @needs_assets
