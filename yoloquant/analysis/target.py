@@ -78,7 +78,7 @@ def noise_warning(target_offset: float, all_int8: Interval, images: int) -> Opti
     the float model's on the analysis images (paired interval), `target_offset` the target
     minus the float mAP. When the interval reaches the target, these images cannot tell
     whether any conv has to stay float (yolov5n, 64 images: all-int8 missed a target 1 point
-    below float by 0.03 points and the search kept 31 convs float)."""
+    below float by 0.02 points and the search kept 31 convs float)."""
     if all_int8.value >= target_offset or all_int8.hi < target_offset:
         return None
     return (f"the all-int8 model misses the target by {100 * (target_offset - all_int8.value):.2f} "
