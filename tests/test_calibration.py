@@ -10,10 +10,9 @@ from paddle.static.quantization.cal_kl_threshold import (cal_kl_threshold, expan
                                                          safe_entropy)
 
 from yoloquant.calibration import (FixedPostTrainingQuantization, LayerDecisions, PTQSettings,
-                                   SUPPORTED_ALGOS,
-                                   _kl_candidates, calibration_loader, kl_divergences,
-                                   kl_threshold, ptf_threshold, run_ptq, search_candidates,
-                                   SEARCH_EXACT)
+                                   SUPPORTED_ALGOS, calibration_loader, run_ptq)
+from yoloquant.thresholds import (SEARCH_EXACT, _kl_candidates, kl_divergences, kl_threshold,
+                                  ptf_threshold, search_candidates)
 from yoloquant.errors import ConfigError, ModelError
 
 BINS = 2048
