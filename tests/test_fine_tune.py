@@ -256,7 +256,7 @@ def test_regions_given_by_hand(tmp_path):
 def test_bias_correction_after_learned_rounding_reaches_both_runtimes(tiny):
     """conv_bias_correction with fine_tune: measured with the learned weights, written into the
     QDQ ONNX bias and the Paddle bias parameter alike (tiny model: 3 convs with biases)."""
-    from yoloquant.calibration import conv_bias_params
+    from yoloquant.paddle_params import conv_bias_params
 
     root, raw = tiny
     cfg = config_from_dict(dict(raw, recon_images=4, conv_bias_correction=True, deploy_backend="openvino"))

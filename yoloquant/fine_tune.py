@@ -57,7 +57,7 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
 def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Optional[str] = None,
                    activation_type: str = "uint8", progress: bool = True) -> PostQuantResult:
     """fine_tune's outputs written into out_dir (a staging folder: see fine_tune)."""
-    from .calibration import add_to_paddle_params
+    from .paddle_params import add_to_paddle_params
     from .reconstruct import reconstruct, write_paddle_weights
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -131,7 +131,7 @@ def correct_biases_after_reconstruction(cal, float_nodes) -> dict:
     each int8 conv's ConvQuantParams.bias_shift and returns {Paddle bias parameter: shift}
     for the same convs in the Paddle model. Convs without a bias parameter in the Paddle
     program are left uncorrected in both."""
-    from .calibration import conv_bias_params
+    from .paddle_params import conv_bias_params
     from .precision import SNR_IMAGES, layer_snr
 
     params = [p for p in cal.conv_params if p.node_name not in set(float_nodes)]

@@ -76,7 +76,7 @@ def paddle_params(model_file: Path, params_file: Path, names) -> dict[str, np.nd
     """Values of the named persistable variables of a Paddle inference model."""
     import paddle
 
-    from .calibration import static_mode
+    from .paddle_params import static_mode
 
     with static_mode():
         scope = paddle.static.Scope()

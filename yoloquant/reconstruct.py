@@ -763,7 +763,7 @@ def write_paddle_weights(model_file: Path, ints_by_paddle_name: dict[str, np.nda
     tensors read by dequantize_linear) with the learned ones; returns how many were written."""
     import paddle
 
-    from .calibration import edited_inference_model
+    from .paddle_params import edited_inference_model
 
     with edited_inference_model(model_file) as (prog, scope):
         dq_inputs = {op.input("X")[0] for op in prog.global_block().ops if op.type == "dequantize_linear"}
