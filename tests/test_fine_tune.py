@@ -14,7 +14,8 @@ from yoloquant.config import config_from_dict, load_config
 from yoloquant.errors import ConfigError, ModelError
 from yoloquant.fine_tune import fine_tune, settings_from
 from yoloquant.ptq import QDQ_ONNX, SUMMARY, calibrate, paddle_params
-from yoloquant.reconstruct import ReconSettings, build_units, find_regions, reconstruct
+from yoloquant.recon_units import build_units, find_regions
+from yoloquant.reconstruct import ReconSettings, reconstruct
 from yoloquant.runtime import OnnxRuntimeBackend, PaddleInferenceBackend, PaddleModelFiles
 
 from test_ptq import tiny_calibration_job, tiny_yolo_onnx

@@ -114,7 +114,7 @@ def input_hessians(model: onnx.ModelProto, conv_names: Sequence[str], images: Se
     network on `images`."""
     from scipy.linalg.blas import ssyrk
 
-    from .reconstruct import session_with_outputs
+    from .runtime import session_with_outputs
 
     nodes = {n.name: n for n in model.graph.node if n.op_type == "Conv"}
     inits = {i.name: i for i in model.graph.initializer}

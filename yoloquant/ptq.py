@@ -153,7 +153,7 @@ def conv_output_ranges(onnx_model: onnx.ModelProto, conv_names: list[str],
     ONNX Runtime runs a Conv in int8 only when its output is requantized too; Paddle's PTQ
     calibrates Conv inputs, not the X2Paddle conv+bias output, so these ranges are measured here.
     """
-    from .reconstruct import session_with_outputs
+    from .runtime import session_with_outputs
 
     outputs = {node.output[0]: node.name for node in onnx_model.graph.node if node.name in conv_names}
     session = session_with_outputs(onnx_model, list(outputs))

@@ -254,3 +254,20 @@ def open_backend(path: str | Path, int8: bool = False, threads: Optional[int] = 
     if p.is_dir():
         return PaddleInferenceBackend(PaddleModelFiles.find(p), int8=int8, threads=threads)
     raise ModelError(f"model not found: {p} (give an .onnx file or a Paddle inference model folder)")
+
+
+def session_with_outputs(model, names: list[str]):
+    """CPU ONNX Runtime session of `model` (an onnx.ModelProto) that also returns the tensors
+    `names` (intermediate ones included)."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    existing = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in existing:
+            m.graph.output.append(onnx.ValueInfoProto(name=n))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])

@@ -229,7 +229,7 @@ def _mean_db(snr: dict, pair: Pair) -> float:
 
 def _pair_inputs(model, pairs, images, input_name) -> dict:
     """{Pair: [its subgraph's feed on each image]} from one run of the original model."""
-    from ..reconstruct import session_with_outputs
+    from ..runtime import session_with_outputs
 
     by_name = {n.name: n for n in model.graph.node}
     wanted = {p: (by_name[p.first].input[0],) + p.side for p in pairs}

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from ..fidelity import output_noise
 from ..precision import DEAD_CHANNEL, _probe_model, _session_without_rewrites
 from ..qdq import ConvQuantParams
-from ..reconstruct import session_with_outputs
+from ..runtime import session_with_outputs
 
 MAX_DB = 300.0
 
