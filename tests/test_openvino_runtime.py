@@ -61,3 +61,32 @@ def test_openvino_backend_runs_an_onnx_file(tmp_path):
     assert backend.input_shape == (1, 3, 4, 4) and backend.int8_convs() == (0, 1)
     with pytest.raises(Exception, match="model not found"):
         OpenVinoBackend(tmp_path / "missing.onnx")
+
+
+def test_a_runtime_refusing_a_saved_model_leaves_out_its_row_only(tmp_path, monkeypatch, caplog):
+    """evaluate_saved / --eval: a runtime that would compute the model wrongly here (e.g. OpenVINO
+    on signed int8 activations, runtime.check_signed_activations) gives no row and a warning;
+    the other runtimes' rows stay."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from yoloquant import evaluate
+    from yoloquant.errors import RuntimeDefectError
+
+    w = numpy_helper.from_array(np.full((2, 3, 1, 1), 0.5, np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Conv", ["X", "W"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2, 4, 4])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "model_int8.onnx"))
+
+    def refusing(path, *args, **kwargs):
+        raise RuntimeDefectError(f"OpenVINO computes {Path(path).name} wrongly on this CPU")
+
+    monkeypatch.setattr(evaluate, "have_openvino", lambda: True)
+    monkeypatch.setattr(evaluate, "OpenVinoBackend", refusing)
+    with caplog.at_level("WARNING", logger="yoloquant"):
+        rows = list(evaluate.saved_backends(str(tmp_path)))
+    assert [backend.name for _, backend in rows] == ["onnxruntime"]
+    assert "no INT8 model_int8.onnx row: OpenVINO computes model_int8.onnx wrongly" in caplog.text

@@ -15,3 +15,7 @@ class ModelError(YoloQuantError):
 
 class DataError(YoloQuantError):
     """The data set (images or annotations) is missing or inconsistent."""
+
+
+class RuntimeDefectError(ModelError):
+    """A runtime computes this model wrongly on this machine (checked by measurement)."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import Config, require
-from .errors import ConfigError
+from .errors import ConfigError, RuntimeDefectError
 from .fileio import write_json
 from .runtime import (OPENVINO_PIN, OnnxRuntimeBackend, OpenVinoBackend, PaddleInferenceBackend,
                       PaddleModelFiles, open_backend)
@@ -245,7 +245,13 @@ def saved_backends(save_dir: str, simulate: bool = False):
     if not found:
         raise ConfigError(f"{save} holds no .pdmodel or .onnx model to evaluate")
     for label, make in found:  # opened one at a time: evaluated, then released
-        yield label, make()
+        try:
+            backend = make()
+        except RuntimeDefectError as exc:
+            # a row of garbage mAP is not a result; the other runtimes' rows still are
+            log.warning("no %s row: %s", label, exc)
+            continue
+        yield label, backend
 
 
 def evaluate_saved(cfg: Config, save_dir: str, max_images: Optional[int] = None,

@@ -16,7 +16,7 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from .errors import ConfigError, ModelError
+from .errors import ConfigError, ModelError, RuntimeDefectError
 
 log = logging.getLogger("yoloquant")
 # Paddle's C++ passes log every fusion step at INFO; keep warnings and errors only
@@ -126,6 +126,8 @@ class OpenVinoBackend:
         self.input_shape = tuple(model.inputs[0].get_partial_shape().to_shape())
         self.name = "openvino"
         self.path = path
+        if path.suffix == ".onnx":
+            check_signed_activations(self, path)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         self.request.infer({0: np.ascontiguousarray(images, dtype=np.float32)})
@@ -271,3 +273,46 @@ def session_with_outputs(model, names: list[str]):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+# OpenVINO 2026.4.1 on AMD EPYC CPUs (family/model 26/2 and 25/17 seen) computes garbage from QDQ
+# ONNX with signed int8 activations (our tensorrt layout, NNCF's ONNX route): yolov5n mAP 0.03
+# instead of 0.30; tests/test_qdq_placement.py's glue graph -0.9 dB against 29 dB for uint8. On a
+# Xeon with AMX the same files ran correctly. So the check is a measurement, not a CPU list.
+SIGNED_CHECK_MIN_SNR_DB = 15.0
+
+
+def signed_int8_activations(model) -> bool:
+    """Whether a QuantizeLinear of the graph (activations: weights are stored quantized) has a
+    signed int8 zero point."""
+    from onnx import TensorProto
+
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and len(node.input) > 2:
+            zp = inits.get(node.input[2])
+            if zp is not None and zp.data_type == TensorProto.INT8:
+                return True
+    return False
+
+
+def check_signed_activations(backend, path: Path, seed: int = 0) -> None:
+    """Refuse (RuntimeDefectError) a signed-int8-activation model that OpenVINO computes wrongly
+    here: its output on one fixed random input against ONNX Runtime's, which runs QDQ exactly."""
+    import onnx
+
+    model = onnx.load(str(path))
+    if not signed_int8_activations(model):
+        return
+    x = np.random.default_rng(seed).random(backend.input_shape, dtype=np.float32)
+    ref = OnnxRuntimeBackend(path, threads=1)(x)
+    got = backend(x)
+    err = float(np.mean((ref.astype(np.float64) - got) ** 2))
+    snr = 10 * np.log10(float(np.mean(ref.astype(np.float64) ** 2)) / err) if err > 0 else float("inf")
+    if snr < SIGNED_CHECK_MIN_SNR_DB:
+        raise RuntimeDefectError(
+            f"OpenVINO computes {path.name} wrongly on this CPU: the model has signed int8 "
+            f"activations and its output on a test input is {snr:.1f} dB from ONNX Runtime's "
+            f"(>= {SIGNED_CHECK_MIN_SNR_DB:.0f} dB expected; an OpenVINO 2026.4.1 defect seen on "
+            "AMD EPYC CPUs). For OpenVINO use a model saved with deploy_backend: openvino (uint8 "
+            "activations); a tensorrt-layout model is for TensorRT")
