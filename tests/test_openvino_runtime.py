@@ -43,8 +43,8 @@ def test_eval_cli_without_openvino_is_one_error_line(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
-def test_openvino_backend_runs_an_onnx_file(tmp_path):
+def save_one_conv_model(path: Path) -> None:
+    """Y = a 1x1 conv of X (1x3x4x4) with every weight 0.5."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -54,7 +54,12 @@ def test_openvino_backend_runs_an_onnx_file(tmp_path):
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2, 4, 4])], [w])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
-    onnx.save(model, str(tmp_path / "m.onnx"))
+    onnx.save(model, str(path))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_openvino_backend_runs_an_onnx_file(tmp_path):
+    save_one_conv_model(tmp_path / "m.onnx")
     backend = OpenVinoBackend(tmp_path / "m.onnx", threads=1)
     x = np.random.default_rng(0).random((1, 3, 4, 4), dtype=np.float32)
     np.testing.assert_allclose(backend(x), np.broadcast_to(x.sum(1, keepdims=True) * 0.5, (1, 2, 4, 4)), rtol=1e-5)
@@ -67,19 +72,10 @@ def test_a_runtime_refusing_a_saved_model_leaves_out_its_row_only(tmp_path, monk
     """evaluate_saved / --eval: a runtime that would compute the model wrongly here (e.g. OpenVINO
     on signed int8 activations, runtime.check_signed_activations) gives no row and a warning;
     the other runtimes' rows stay."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     from yoloquant import evaluate
     from yoloquant.errors import RuntimeDefectError
 
-    w = numpy_helper.from_array(np.full((2, 3, 1, 1), 0.5, np.float32), "W")
-    graph = helper.make_graph([helper.make_node("Conv", ["X", "W"], ["Y"])], "g",
-                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 4, 4])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 2, 4, 4])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, str(tmp_path / "model_int8.onnx"))
+    save_one_conv_model(tmp_path / "model_int8.onnx")
 
     def refusing(path, *args, **kwargs):
         raise RuntimeDefectError(f"OpenVINO computes {Path(path).name} wrongly on this CPU")
