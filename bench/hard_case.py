@@ -263,7 +263,8 @@ def main() -> int:
             base = "PTQ (Paddle int8)" if "Paddle" in n else "PTQ"
             if n not in ("FP32", base):
                 report["results"][s][n]["vs_ptq"] = recovery(rows["FP32"], rows[base], r, weights[s])
-    stem = f"hard_case_{Path(args.config_path).stem}" + ("" if args.case == "hard" else "_easy") + (f"_{args.tag}" if args.tag else "")
+    suffixes = ("" if args.case == "hard" else "_easy") + (f"_{args.tag}" if args.tag else "")
+    stem = f"hard_case_{Path(args.config_path).stem}{suffixes}"
     write_json(Path(args.out) / f"{stem}.json", report)
     lines = [f"# {'Hard' if args.case == 'hard' else 'Easy'} case: {Path(args.config_path).stem}", "",
              machine_line(report["machine"]), "",

@@ -168,7 +168,7 @@ def test_a_pair_that_measures_worse_is_rejected():
 
 
 def test_post_quant_carries_the_equalized_weights_into_both_artifacts(tmp_path):
-    from tests.test_ptq import tiny_calibration_job
+    from test_ptq import tiny_calibration_job  # pytest puts tests/ on sys.path
     from yoloquant.ptq import QDQ_ONNX, SUMMARY, quantize
     from yoloquant.runtime import OnnxRuntimeBackend
 
