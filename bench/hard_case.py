@@ -7,7 +7,7 @@ The hard case is the seed's analysis setting: KL calibration, per-tensor weights
 (`weight_quantize_type: abs_max`) and every conv int8 (`min_layer_snr_db: null`). On it:
 
 1. FP32 and plain PTQ, on val and on the held-out train images (those calibration did not use);
-2. analysis.py with its default settings (noise ranking on 64 val images): the split-half
+2. analysis.py with its default settings (noise ranking on up to 128 val images): the split-half
    Spearman of its ranking;
 3. the top-k ranked convs kept float against k random convs (several draws), held-out mAP with
    paired intervals against PTQ;
