@@ -86,3 +86,19 @@ def test_a_runtime_refusing_a_saved_model_leaves_out_its_row_only(tmp_path, monk
         rows = list(evaluate.saved_backends(str(tmp_path)))
     assert [backend.name for _, backend in rows] == ["onnxruntime"]
     assert "no INT8 model_int8.onnx row: OpenVINO computes model_int8.onnx wrongly" in caplog.text
+
+
+def test_saved_backends_without_openvino_never_opens_it(tmp_path, monkeypatch):
+    """openvino=False (the tests that assert only on ONNX Runtime and Paddle): no OpenVINO
+    model is compiled, though OpenVINO is installed."""
+    from yoloquant import evaluate
+
+    save_one_conv_model(tmp_path / "model_int8.onnx")
+
+    def opened(path, *args, **kwargs):
+        raise AssertionError(f"OpenVINO opened {path}")
+
+    monkeypatch.setattr(evaluate, "have_openvino", lambda: True)
+    monkeypatch.setattr(evaluate, "OpenVinoBackend", opened)
+    rows = list(evaluate.saved_backends(str(tmp_path), openvino=False))
+    assert [backend.name for _, backend in rows] == ["onnxruntime"]

@@ -349,7 +349,7 @@ def test_yolov5n_int8_keeps_accuracy_in_both_runtimes(algo, yolov5n_fp32, tmp_pa
     # of 60)
     assert len(quantized) + len(reasons) == 60 and len(quantized) >= 20
     assert all("SNR" in why for why in reasons.values())  # v5's prediction convs are scores
-    rows = {r.runtime: r for r in evaluate_saved(cfg, str(tmp_path))}
+    rows = {r.runtime: r for r in evaluate_saved(cfg, str(tmp_path), openvino=False)}
     paddle_int8 = rows["paddle-inference(onednn-int8)"].map50_95
     onnx_int8 = rows["onnxruntime"].map50_95
     fp32 = yolov5n_fp32.map50_95
@@ -392,7 +392,7 @@ def test_yolox_nano_int8_keeps_accuracy_in_both_runtimes(tmp_path):
     reasons = result.summary["kept_float"]["conv_reasons"]
     assert sum(why.startswith("regression") for why in reasons.values()) == 3  # reg_preds x 3
     assert 3 < len(reasons) <= 30 and len(result.summary["quantized"]["onnx_conv_nodes"]) >= 80
-    rows = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, str(tmp_path / "auto"))}
+    rows = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, str(tmp_path / "auto"), openvino=False)}
     every = load_config(ROOT / "configs" / "yolox_nano_coco_mini.yaml",
                         {"min_layer_snr_db": None, "keep_regression_float": False})
     every.PTQ.algo = "avg"
@@ -432,7 +432,7 @@ def test_yolov6_lite_int8_artifacts_load_run_and_keep_accuracy(tmp_path):
     assert Path(cfg.model_dir).is_file() and cfg.arch == "YOLOv6" and cfg.PTQ.batch_nums == 32
     result = quantize(cfg, tmp_path)
     assert set(result.summary["artifacts_ran"]) == {"model.pdmodel", QDQ_ONNX}
-    rows = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, str(tmp_path))}
+    rows = {r.runtime: r.map50_95 for r in evaluate_saved(cfg, str(tmp_path), openvino=False)}
     fp32 = evaluate_backend(cfg, OnnxRuntimeBackend(cfg.model_dir)).map50_95
     assert abs(fp32 - 0.2892) < 0.002
     assert fp32 - rows["paddle-inference(onednn-int8)"] <= 0.02

@@ -221,9 +221,10 @@ def open_reference(cfg: Config, model: Optional[str], reference: Optional[str]):
     return f"reference {reference}", open_backend(reference)
 
 
-def saved_backends(save_dir: str, simulate: bool = False):
+def saved_backends(save_dir: str, simulate: bool = False, openvino: bool = True):
     """(label, backend) of every int8 artifact in a post_quant.py output folder, on its real
-    int8 runtime (with `simulate`, also Paddle's float simulation of the int8 program)."""
+    int8 runtime (with `simulate`, also Paddle's float simulation of the int8 program; without
+    `openvino`, the QDQ ONNX on ONNX Runtime only)."""
     save = Path(save_dir)
     found = []
     if list(save.glob("*.pdmodel")):
@@ -238,6 +239,8 @@ def saved_backends(save_dir: str, simulate: bool = False):
             found.append((f"INT8 {files.model_file.name} (SIMULATED)", simulation))
     for onnx_file in sorted(save.glob("*.onnx")):
         found.append((f"INT8 {onnx_file.name}", lambda f=onnx_file: OnnxRuntimeBackend(f)))
+        if not openvino:
+            continue
         if have_openvino():  # the same file on OpenVINO, which runs QDQ ONNX in int8 too
             found.append((f"INT8 {onnx_file.name}", lambda f=onnx_file: OpenVinoBackend(f)))
         else:
@@ -255,10 +258,10 @@ def saved_backends(save_dir: str, simulate: bool = False):
 
 
 def evaluate_saved(cfg: Config, save_dir: str, max_images: Optional[int] = None,
-                   simulate: bool = False, cluster=None) -> list[EvalResult]:
+                   simulate: bool = False, cluster=None, openvino: bool = True) -> list[EvalResult]:
     """Evaluate a post_quant.py output folder in the real int8 runtimes it holds."""
     rows = []
-    for label, backend in saved_backends(save_dir, simulate):
+    for label, backend in saved_backends(save_dir, simulate, openvino):
         r = evaluate_backend(cfg, backend, max_images, cluster=cluster)
         r.model = label
         rows.append(r)
