@@ -204,3 +204,12 @@ def test_yolov5n_matches_reproduce_pycocotools_on_real_detections():
     assert (d.map50_95.lo, d.map50_95.hi) == (0.0, 0.0)
     own = map_interval(r.matches)
     assert own.lo < r.map50_95 < own.hi and own.hi - own.lo > 0.01  # 109 images: wide
+
+
+def test_snr_db_is_one_definition_for_floats_arrays_and_identical_outputs():
+    from yoloquant.stats import MAX_SNR_DB, snr_db
+
+    assert snr_db(0.01) == pytest.approx(20.0) and isinstance(snr_db(0.01), float)
+    assert snr_db(0.0) == MAX_SNR_DB  # bit-identical: capped, not infinite
+    np.testing.assert_allclose(snr_db(np.array([1.0, 1e-3, 0.0])), [0.0, 30.0, MAX_SNR_DB])
+    assert snr_db(None) is None  # not measured

@@ -31,12 +31,11 @@ import numpy as np
 
 from .errors import DataError
 from .stats import (LEVEL, RESAMPLES, SEED, ImageMatches, Interval, bootstrap_interval,
-                    resample_weights)
+                    resample_weights, snr_db)
 
 log = logging.getLogger("yoloquant")
 
 DEFAULT_CONF = 0.25  # the reference's detections taken as ground truth (see bench/fidelity.py)
-MAX_SNR_DB = 300.0  # reported for bit-identical outputs (the ratio is infinite)
 PARTS = ("box", "score")  # output columns 0:4 and 4: of a [N, 5 + classes] YOLO output
 
 
@@ -53,13 +52,9 @@ class OutputNoise:
         w = np.ones((1, self.signal.shape[0])) if weights is None else np.atleast_2d(weights)
         with np.errstate(divide="ignore", invalid="ignore"):
             nsr = (w @ self.noise) / (w @ self.signal)
-            parts = _db(nsr)
-            combined = _db(nsr.mean(axis=1))
+            parts = snr_db(nsr)
+            combined = snr_db(nsr.mean(axis=1))
         return combined, parts
-
-
-def _db(nsr: np.ndarray) -> np.ndarray:
-    return np.minimum(-10.0 * np.log10(nsr), MAX_SNR_DB)
 
 
 def output_noise(reference: np.ndarray, candidate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -56,6 +56,7 @@ from onnx import helper, numpy_helper
 from .errors import ModelError
 from .head import activation_after, regression_convs
 from .qdq import QMAX, ConvQuantParams, _quantize_weight
+from .stats import snr_db
 
 log = logging.getLogger("yoloquant")
 
@@ -189,8 +190,7 @@ def layer_snr(model: onnx.ModelProto, params: Sequence[ConvQuantParams], images:
             result[conv] = LayerSNR(conv, float("inf"), float("inf"), 0, shift)
             continue
         nsr = mse[live] / var[live]
-        result[conv] = LayerSNR(conv, float(-10 * np.log10(max(nsr.mean(), 1e-30))),
-                                float(-10 * np.log10(max(nsr.max(), 1e-30))), int(live.sum()), shift)
+        result[conv] = LayerSNR(conv, snr_db(nsr.mean()), snr_db(nsr.max()), int(live.sum()), shift)
     return result
 
 

@@ -17,6 +17,7 @@ from typing import Optional, Protocol
 import numpy as np
 
 from .errors import ConfigError, ModelError, RuntimeDefectError
+from .stats import snr_db
 
 log = logging.getLogger("yoloquant")
 # Paddle's C++ passes log every fusion step at INFO; keep warnings and errors only
@@ -307,8 +308,8 @@ def check_signed_activations(backend, path: Path, seed: int = 0) -> None:
     x = np.random.default_rng(seed).random(backend.input_shape, dtype=np.float32)
     ref = OnnxRuntimeBackend(path, threads=1)(x)
     got = backend(x)
-    err = float(np.mean((ref.astype(np.float64) - got) ** 2))
-    snr = 10 * np.log10(float(np.mean(ref.astype(np.float64) ** 2)) / err) if err > 0 else float("inf")
+    ref = ref.astype(np.float64)
+    snr = snr_db(float(np.mean((ref - got) ** 2)) / max(float(np.mean(ref ** 2)), 1e-300))
     if snr < SIGNED_CHECK_MIN_SNR_DB:
         raise RuntimeDefectError(
             f"OpenVINO computes {path.name} wrongly on this CPU: the model has signed int8 "

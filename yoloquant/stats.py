@@ -34,6 +34,7 @@ LEVEL = 0.95
 SEED = 0
 _CHUNK = 256  # resamples computed at once (bounds memory: chunk x true positives floats)
 _EPS = np.spacing(1)  # pycocotools' guard in precision = tp / (tp + fp + eps)
+MAX_SNR_DB = 300.0  # reported for bit-identical outputs (a noise-to-signal ratio of 0)
 CI_NOTE = (f"95% CI: paired bootstrap over images ({RESAMPLES} resamples, basic interval), "
            "the same resample for both models")
 
@@ -164,6 +165,18 @@ class ImageMatches:
         """(mAP@0.5:0.95, mAP@0.5) on the images as evaluated (unit weights)."""
         a, b = self.average_precision(np.ones((1, self.images)))
         return float(a[0]), float(b[0])
+
+
+def snr_db(nsr):
+    """Signal-to-noise ratio in dB of a noise-to-signal power ratio (a float or an array):
+    MAX_SNR_DB where the ratio is 0 (bit-identical); None (not measured) stays None. The one
+    definition behind every SNR the tools print (fidelity, layer SNRs, equalization, analysis,
+    the OpenVINO check)."""
+    if nsr is None:
+        return None
+    with np.errstate(divide="ignore"):
+        db = np.minimum(-10.0 * np.log10(np.maximum(nsr, 1e-30)), MAX_SNR_DB)
+    return float(db) if np.ndim(db) == 0 else db
 
 
 def _sorted_matches(per_image: list, n_iou: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

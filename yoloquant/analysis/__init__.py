@@ -26,7 +26,8 @@ from .checkpoint import load_calibration, save_calibration
 from .files import (CALIBRATED_MODEL, CALIBRATION, CHECKPOINT, HIST_PNG, PROXY_PNG, RANK_CSV,
                     RANK_JSON, RANK_PNG, RANK_TXT, SKIP_YAML, SPLIT_PNG, STAT_CSV, TARGET_DIR)
 from .job import AnalysisResult, analysis_command, interrupted_note, run_analysis
-from .measure import Runner, halves, head_tensors, snr_db
+from ..stats import snr_db
+from .measure import Runner, halves, head_tensors
 from .ranking import spearman
 from .target import find_target_model, search_prefix
 

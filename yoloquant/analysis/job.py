@@ -22,7 +22,8 @@ from .checkpoint import (CHECKPOINT_FORMAT, _fingerprint, _fingerprint_diff, loa
 from .files import (CALIBRATION, CHECKPOINT, HIST_PNG, PROXY_PNG, RANK_CSV, RANK_JSON, RANK_PNG,
                     RANK_TXT, SKIP_YAML, SPLIT_PNG, STAT_CSV, TARGET_DIR)
 from .images import load_eval_images
-from .measure import RANK_LAYOUT, Runner, _QuietQDQ, head_tensors, snr_db
+from ..stats import snr_db
+from .measure import RANK_LAYOUT, Runner, _QuietQDQ, head_tensors
 from .ranking import correlations, rank_layers
 from .report import _pt, _short, _write_outputs
 from .statistics import layer_statistics

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass
@@ -193,10 +192,3 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
         if name not in have:
             out.graph.output.append(onnx.ValueInfoProto(name=name))
     return out
-
-
-def snr_db(nsr: Optional[float]) -> Optional[float]:
-    if nsr is None:
-        return None
-    return 10.0 * math.log10(1.0 / nsr) if nsr > 0 else 300.0  # 300 dB: bit-identical
-

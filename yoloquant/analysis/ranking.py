@@ -5,7 +5,7 @@ from typing import Optional
 
 import numpy as np
 
-from .measure import snr_db
+from ..stats import snr_db
 
 
 def spearman(a: list, b: list) -> Optional[float]:

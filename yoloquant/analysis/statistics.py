@@ -10,7 +10,8 @@ from onnx import numpy_helper
 
 from ..runtime import OnnxRuntimeBackend
 from .images import EvalImages
-from .measure import _with_outputs, snr_db
+from ..stats import snr_db
+from .measure import _with_outputs
 
 
 def weight_statistics(w: np.ndarray, thresholds: np.ndarray) -> dict:

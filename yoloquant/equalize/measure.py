@@ -19,8 +19,8 @@ from ..fidelity import output_noise
 from ..precision import DEAD_CHANNEL, _probe_model, _session_without_rewrites
 from ..qdq import ConvQuantParams
 from ..runtime import session_with_outputs
+from ..stats import snr_db
 
-MAX_DB = 300.0
 
 
 def feed(img, input_name: str) -> dict:
@@ -106,7 +106,7 @@ def layer_error_db(reference: onnx.ModelProto, model: onnx.ModelProto, convs: Se
         var = np.maximum(s2 / n - (s1 / n) ** 2, 0.0)
         live = var > DEAD_CHANNEL * max(float(var.mean()), 1e-30)
         nsr = float(((se / n)[live] / var[live]).mean()) if live.any() else 0.0
-        result[conv] = min(-10 * np.log10(max(nsr, 1e-30)), MAX_DB)
+        result[conv] = snr_db(nsr)
     return result
 
 
@@ -124,7 +124,7 @@ def head_snr_db(reference: list, candidate: list) -> float:
         signal, noise = signal + s, noise + e
     with np.errstate(divide="ignore", invalid="ignore"):
         nsr = float(np.mean(noise / np.maximum(signal, 1e-300)))
-    return min(-10 * np.log10(max(nsr, 1e-30)), MAX_DB)
+    return snr_db(nsr)
 
 
 def max_relative_diff(reference: list, candidate: list) -> float:
