@@ -237,7 +237,7 @@ def main() -> int:
                     "ranking": [r["onnx_node"] for r in result.rows][:10],
                     "target": {k: result.target.get(k) for k in ("target", "target_drop", "float_layers",
                                                                   "confirmed_map", "met")} if result.target else None,
-                    "images": acfg.analysis_max_images, "seconds": result.seconds}
+                    "images": sensitivity["meta"]["eval_images"], "seconds": result.seconds}
         for name, (path, nodes) in skip_models(acfg, result.rows, work).items():
             models[name] = onnx_model(path)
             skip_names.append(name)
