@@ -174,8 +174,7 @@ def snr_db(nsr):
     the OpenVINO check)."""
     if nsr is None:
         return None
-    with np.errstate(divide="ignore"):
-        db = np.minimum(-10.0 * np.log10(np.maximum(nsr, 1e-30)), MAX_SNR_DB)
+    db = np.minimum(-10.0 * np.log10(np.maximum(nsr, 1e-30)), MAX_SNR_DB)  # no log10(0)
     return float(db) if np.ndim(db) == 0 else db
 
 

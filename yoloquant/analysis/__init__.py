@@ -22,11 +22,11 @@ differences themselves rise above the noise of the evaluation set.
 Every finished layer is checkpointed (JSON, atomic) together with the calibration's scales, so
 `--resume` continues after a kill with the same scales and the same results.
 """
+from ..stats import snr_db
 from .checkpoint import load_calibration, save_calibration
 from .files import (CALIBRATED_MODEL, CALIBRATION, CHECKPOINT, HIST_PNG, PROXY_PNG, RANK_CSV,
                     RANK_JSON, RANK_PNG, RANK_TXT, SKIP_YAML, SPLIT_PNG, STAT_CSV, TARGET_DIR)
 from .job import AnalysisResult, analysis_command, interrupted_note, run_analysis
-from ..stats import snr_db
 from .measure import Runner, halves, head_tensors
 from .ranking import spearman
 from .target import find_target_model, search_prefix

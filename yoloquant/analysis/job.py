@@ -17,12 +17,12 @@ from ..errors import ConfigError
 from ..fileio import check_writable, temporary_dir, write_json
 from ..provenance import Timer, file_sha256
 from ..runtime import OnnxRuntimeBackend, default_threads
+from ..stats import snr_db
 from .checkpoint import (CHECKPOINT_FORMAT, _fingerprint, _fingerprint_diff, load_calibration,
                          save_calibration)
 from .files import (CALIBRATION, CHECKPOINT, HIST_PNG, PROXY_PNG, RANK_CSV, RANK_JSON, RANK_PNG,
                     RANK_TXT, SKIP_YAML, SPLIT_PNG, STAT_CSV, TARGET_DIR)
 from .images import load_eval_images
-from ..stats import snr_db
 from .measure import RANK_LAYOUT, Runner, _QuietQDQ, head_tensors
 from .ranking import correlations, rank_layers
 from .report import _pt, _short, _write_outputs

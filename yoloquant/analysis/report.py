@@ -12,9 +12,9 @@ from onnx import numpy_helper
 
 from ..fileio import atomic_write, write_json, write_text
 from ..provenance import machine, package_versions
+from ..stats import snr_db
 from .files import (HIST_PNG, PROXY_PNG, RANK_CSV, RANK_JSON, RANK_PNG, RANK_TXT, SPLIT_PNG,
                     STAT_CSV, TARGET_DIR)
-from ..stats import snr_db
 from .ranking import trust_note
 
 if TYPE_CHECKING:  # job imports this module

@@ -9,8 +9,8 @@ import onnx
 from onnx import numpy_helper
 
 from ..runtime import OnnxRuntimeBackend
-from .images import EvalImages
 from ..stats import snr_db
+from .images import EvalImages
 from .measure import _with_outputs
 
 

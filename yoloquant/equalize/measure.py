@@ -22,7 +22,6 @@ from ..runtime import session_with_outputs
 from ..stats import snr_db
 
 
-
 def feed(img, input_name: str) -> dict:
     """An image (CHW) as the input of `input_name`, or a ready {name: tensor} feed (a pair's
     subgraph has several inputs)."""
