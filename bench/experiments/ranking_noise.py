@@ -27,16 +27,23 @@ from yoloquant.config import load_config  # noqa: E402
 from yoloquant.runtime import OnnxRuntimeBackend  # noqa: E402
 
 
+def analysis_calibration(cfg):
+    """Calibrated as analysis.py does: post_quant's automatic float choices off."""
+    from yoloquant.ptq import calibrate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return calibrate(dataclasses.replace(cfg, min_layer_snr_db=None, keep_regression_float=False), tmp)
+
+
 def measure(cfg, work: Path) -> dict:
-    from yoloquant.ptq import build_qdq, calibrate
+    from yoloquant.ptq import build_qdq
 
     out = work / "noise.npz"
     if out.is_file():
         return dict(np.load(out, allow_pickle=True))
     probe = OnnxRuntimeBackend(cfg.model_dir)
     images = load_eval_images(cfg, probe.input_shape)
-    with tempfile.TemporaryDirectory() as tmp:
-        cal = calibrate(dataclasses.replace(cfg, min_layer_snr_db=None, keep_regression_float=False), tmp)
+    cal = analysis_calibration(cfg)
     heads = head_tensors(cal.onnx_model)
     runner = Runner(images, heads, 2)
     runner.reference = runner.reference_of(cal.onnx_model)
@@ -91,11 +98,10 @@ def top_k(cfg, a: dict, work: Path, names=("pooled both (current)", "z sum logme
 
     from bench.hard_case import recovery, score
     from yoloquant.evaluate import heldout_config
-    from yoloquant.ptq import build_qdq, calibrate
+    from yoloquant.ptq import build_qdq
     from yoloquant.stats import resample_weights
 
-    with tempfile.TemporaryDirectory() as tmp:
-        cal = calibrate(dataclasses.replace(cfg, min_layer_snr_db=None, keep_regression_float=False), tmp)
+    cal = analysis_calibration(cfg)
     sets = {"val": cfg, "held-out": heldout_config(cfg, cal.image_ids, work)}
     full = keys(a, np.arange(min(64, a["signal"].shape[0])))
     nodes = list(a["nodes"])
@@ -147,7 +153,9 @@ def main():
     cfg = load_config(args.config_path)
     cfg = dataclasses.replace(cfg, analysis_max_images=args.max_images, analysis_metric="noise")
     if args.hard:
-        cfg.PTQ.algo, cfg.PTQ.weight_quantize_type = "KL", "abs_max"
+        from bench.hard_case import hard_config
+
+        cfg = hard_config(cfg)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     arrays = measure(cfg, work)
