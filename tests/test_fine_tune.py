@@ -90,7 +90,8 @@ def test_quantized_inputs_come_from_the_model_quantized_so_far(tiny, tmp_path):
 
     seen = []
 
-    def quantized_so_far(ints):
+    def quantized_so_far(ints, thresholds=None):
+        assert not thresholds  # recon_act_scale calibrated: nothing learned but the rounding
         seen.append(dict(ints))
         return model_with(ints)
 
@@ -161,6 +162,67 @@ def test_fine_tune_job_exports_learned_weights_to_both_runtimes(tiny):
     assert np.abs(ort_int8 - paddle_int8).mean() < 0.01
 
 
+def test_learned_activation_step_moves_a_too_coarse_grid_towards_the_data(tiny, tmp_path):
+    """recon_act_scale learned (LSQ): given conv1's input threshold at 4x the calibrated one (a
+    grid 4x too coarse, known answer: shrink it), the learned threshold is smaller; the head's
+    is learned too, the image conv's is not (its grid is the image's), and the units' loss
+    (learned thresholds and rounding) is below round-to-nearest with the given thresholds."""
+    import dataclasses
+
+    root, raw = tiny
+    cal = calibrate(config_from_dict(raw), tmp_path / "cal", "avg")
+    calibrated = {p.node_name: p.input_threshold for p in cal.conv_params}
+    params = [dataclasses.replace(p, input_threshold=4 * p.input_threshold) if p.node_name == "conv1"
+              else p for p in cal.conv_params]
+    settings = ReconSettings(simulate_activation_quant=True, drop_prob=0.0, act_scale="learned",
+                             epochs=40, lr=0.05)
+    result = reconstruct(cal.onnx_model, params, cal.images, cal.converted.onnx_input_name,
+                         settings, progress=False)
+    assert sorted(result.thresholds) == ["conv1", "head"]
+    assert result.thresholds["conv1"] < 0.95 * 4 * calibrated["conv1"]
+    assert result.thresholds["head"] != calibrated["head"]
+    learned = {p.node_name: p.input_threshold for p in result.conv_params}
+    assert learned == dict(calibrated, conv1=result.thresholds["conv1"], head=result.thresholds["head"])
+    pairs = {c: v for u in result.units for c, v in u.input_thresholds.items()}
+    assert pairs["conv1"] == [4 * calibrated["conv1"], result.thresholds["conv1"]]
+    assert sum(u.loss_after for u in result.units) < sum(u.loss_before for u in result.units)
+    with pytest.raises(ConfigError, match="needs --simulate_activation_quant"):
+        ReconSettings(act_scale="learned")
+
+
+def test_learned_activation_thresholds_reach_both_artifacts(tiny):
+    """fine_tune with recon_act_scale learned: the QDQ ONNX quantizes each learned conv input on
+    threshold / 127 and the Paddle int8 program's Scale tensor of that input holds the threshold."""
+    from yoloquant.paddle_params import conv_input_scales, static_mode
+
+    root, raw = tiny
+    cfg = config_from_dict(dict(raw, recon_images=4, deploy_backend="openvino", recon_guard_images=0,
+                                recon_act_scale="learned"))
+    out = root / "ft_act"
+    fine_tune(cfg, out, settings_from(cfg, "layer-wise", True, epochs=20, lr=0.05, limit=6), progress=False)
+    rec = json.loads((out / SUMMARY).read_text())["reconstruction"]
+    learned = {c: pair[1] for c, pair in rec["input_thresholds"].items()}
+    assert sorted(learned) == ["conv1", "head"] and rec["paddle_act_thresholds_written"] == 2
+    assert all(pair[0] != pair[1] for pair in rec["input_thresholds"].values())
+    qdq = onnx.load(str(out / QDQ_ONNX))
+    inits = {i.name: numpy_helper.to_array(i) for i in qdq.graph.initializer}
+    nodes = {n.name: n for n in qdq.graph.node}
+    dq_of = {n.output[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
+    for conv, t in learned.items():
+        scale = inits[dq_of[nodes[conv].input[0]].input[1]]
+        np.testing.assert_allclose(scale, np.float32(t / 127), rtol=1e-6, err_msg=conv)
+    files = PaddleModelFiles.find(out)
+    mapping = {v: k for k, v in rec["paddle_to_onnx"].items()}
+    import paddle
+
+    with static_mode():
+        program = paddle.static.Program.parse_from_string(files.model_file.read_bytes())
+    scales = conv_input_scales(program, [mapping[c] for c in learned])
+    values = paddle_params(files.model_file, files.params_file, list(scales.values()))
+    for conv, t in learned.items():
+        np.testing.assert_allclose(values[scales[mapping[conv]]], t, rtol=1e-5, err_msg=conv)
+
+
 def test_regions_from_graph_structure(tmp_path):
     tiny_yolo_onnx(tmp_path / "t.onnx")
     model = onnx.load(str(tmp_path / "t.onnx"))
@@ -215,6 +277,15 @@ def test_script_reports_user_errors(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "fine_tune.py"), "--config_path",
                            str(tmp_path / "missing.yaml")], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: config file not found")
+    # learned activation steps without simulated activation quantization: refused before any work
+    cfg = tmp_path / "act.yaml"
+    cfg.write_text("model_dir: missing.onnx\nrecon_act_scale: learned\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "fine_tune.py"), "--config_path", str(cfg),
+                           "--save_dir", str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "error: recon_act_scale: learned needs --simulate_activation_quant (the activation steps "
+        "are learned through the simulated activation quantization)")
+    assert not (tmp_path / "out").exists()
 
 
 @needs_assets

@@ -198,6 +198,10 @@ class Config:
                             "network's, or the deployed QDQ model's with the rounding learned "
                             "so far (one pass per layer/region; each also learns to absorb the "
                             "error of the layers before it)", ("float", "quantized"))
+    recon_act_scale: str = _key("calibrated", "activation thresholds of the quantized convs' "
+                                "inputs: as calibrated, or learned with the rounding (LSQ; needs "
+                                "--simulate_activation_quant; one per tensor, written into both "
+                                "artifacts)", ("calibrated", "learned"))
     # conversion
     cache_dir: Optional[str] = _key(None, "X2Paddle conversion cache; null: $YOLOQUANT_CACHE or "
                                     "./cache/x2paddle")

@@ -1,8 +1,9 @@
 """The `fine_tune.py` job: PTQ calibration, then learned weight rounding, saved like post_quant.
 
-Activation scales come from calibration (`--algo`); only the weights' rounding is learned
-(yoloquant.reconstruct). Outputs: the QDQ ONNX with the learned int8 weights, the Paddle int8
-program with the same int8 weights written in, summary.json with per-layer/region losses.
+Activation scales come from calibration (`--algo`) and the weights' rounding is learned
+(yoloquant.reconstruct); with `recon_act_scale: learned` the conv inputs' thresholds are learned
+too. Outputs: the QDQ ONNX with the learned int8 weights (and thresholds), the Paddle int8
+program with the same written in, summary.json with per-layer/region losses.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ def settings_from(cfg: Config, recon_level: str, simulate_activation_quant: bool
     return ReconSettings(recon_level=recon_level, simulate_activation_quant=simulate_activation_quant,
                          epochs=epochs, lr=lr, limit=limit, drop_prob=cfg.drop_prob,
                          images=cfg.recon_images, lam=cfg.recon_lambda, beta=tuple(cfg.recon_beta),
-                         warmup=cfg.recon_warmup, input_source=cfg.recon_input, regions=cfg.regions)
+                         warmup=cfg.recon_warmup, input_source=cfg.recon_input, regions=cfg.regions,
+                         act_scale=cfg.recon_act_scale)
 
 
 def recon_cache_dir(cfg: Config) -> Path:
@@ -57,8 +59,8 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
 def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Optional[str] = None,
                    activation_type: str = "uint8", progress: bool = True) -> PostQuantResult:
     """fine_tune's outputs written into out_dir (a staging folder: see fine_tune)."""
-    from .paddle_params import add_to_paddle_params
-    from .reconstruct import reconstruct, write_paddle_weights
+    from .paddle_params import add_to_paddle_params, write_paddle_act_thresholds, write_paddle_weights
+    from .reconstruct import reconstruct, with_learned
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
     out_dir = Path(out_dir)
@@ -70,10 +72,9 @@ def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Op
     skipped = {cal.paddle_to_onnx[w] for w in cal.user_skip if w in cal.paddle_to_onnx}
     recon_images, guard_images = split_guard_images(cal.images, cfg.recon_guard_images)
 
-    def quantized_so_far(ints: dict) -> onnx.ModelProto:
-        """The deployed QDQ model with the rounding learned so far (recon_input: quantized)."""
-        params = [dataclasses.replace(p, quantized_weight=ints[p.node_name]) if p.node_name in ints
-                  else p for p in cal.conv_params]
+    def quantized_so_far(ints: dict, thresholds: Optional[dict] = None) -> onnx.ModelProto:
+        """The deployed QDQ model with the rounding (and input thresholds) learned so far."""
+        params = [with_learned(p, ints, thresholds or {}) for p in cal.conv_params]
         return build_qdq(dataclasses.replace(cal, conv_params=params), skipped, activation_type)
 
     with cal.timer("reconstruction"):
@@ -84,10 +85,12 @@ def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Op
     verdict = None
     if guard_images:
         with cal.timer("guard"):
-            verdict = judge(cal.onnx_model, quantized_so_far({}), quantized_so_far(result.ints),
-                            guard_images, _decoder(cfg, cal))
-    ints = result.ints if verdict is None or verdict.deploy_learned else {}
-    if ints:
+            verdict = judge(cal.onnx_model, quantized_so_far({}),
+                            quantized_so_far(result.ints, result.thresholds), guard_images, _decoder(cfg, cal))
+    deploy = verdict is None or verdict.deploy_learned
+    ints = result.ints if deploy else {}
+    thresholds = result.thresholds if deploy else {}
+    if deploy:
         cal.conv_params = result.conv_params
     shifts = {}
     if cfg.conv_bias_correction:
@@ -99,11 +102,16 @@ def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Op
         to_paddle = cal.onnx_to_paddle()
         written = write_paddle_weights(out_dir / PADDLE_MODEL,
                                        {to_paddle[name]: q for name, q in ints.items()})
+        scales_written = write_paddle_act_thresholds(out_dir / PADDLE_MODEL,
+                                                     {to_paddle[name]: t for name, t in thresholds.items()})
         if shifts:
             add_to_paddle_params(out_dir / PADDLE_MODEL, shifts)
     summary = run_summary(cal, activation_type, started, "fine_tune", float_nodes=skipped)
     summary["reconstruction"] = result.summary(settings)
     summary["reconstruction"]["paddle_weights_written"] = written
+    summary["reconstruction"]["paddle_act_thresholds_written"] = scales_written
+    summary["reconstruction"]["input_thresholds"] = {  # conv: [calibrated, learned]
+        c: [round(v, 6) for v in pair] for u in result.units for c, pair in u.input_thresholds.items()}
     summary["reconstruction"]["bias_corrected_convs"] = len(shifts)
     summary["reconstruction"]["paddle_to_onnx"] = dict(cal.paddle_to_onnx)
     summary["reconstruction"]["images"] = min(len(recon_images), settings.images or len(recon_images))

@@ -1,10 +1,12 @@
-"""Reading and editing the parameters of Paddle programs: conv biases, static mode, saved models.
+"""Reading and editing the parameters of Paddle programs: conv biases, int8 weights, activation
+scales, static mode, saved models.
 
 Used by the calibration (bias correction inside the PTQ) and after it (fine_tune.py's learned
-rounding and bias shifts go into the saved Paddle int8 model).
+rounding, learned activation thresholds and bias shifts go into the saved Paddle int8 model).
 """
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from typing import Dict, Sequence, Union
@@ -83,6 +85,25 @@ def conv_bias_params(model_file: Union[str, os.PathLike], weights: Sequence[str]
                              {v.name for v in program.list_vars() if v.persistable})
 
 
+def conv_input_scales(program, weights: Sequence[str]) -> Dict[str, str]:
+    """{conv weight name: the Scale tensor of its input's quantize/dequantize_linear pair} in an
+    onnx_format int8 program (the pair shares it; it holds the threshold, the abs max of the
+    int8 grid). A conv whose input is not quantized there is an error."""
+    ops = program.global_block().ops
+    producer = {out: op for op in ops for out in op.output_arg_names}
+    dequantized = {op.input("X")[0]: op.output("Y")[0] for op in ops if op.type == "dequantize_linear"}
+    conv_by_filter = {op.input("Filter")[0]: op for op in ops if op.type in ("conv2d", "depthwise_conv2d")}
+    out = {}
+    for weight in weights:
+        conv = conv_by_filter.get(dequantized.get(weight, weight))
+        dq = producer.get(conv.input("Input")[0]) if conv is not None else None
+        if dq is None or dq.type != "dequantize_linear":
+            raise ModelError(f"the Paddle int8 program has no quantized input for the conv of {weight!r} "
+                             "(was it saved with onnx_format: true?)")
+        out[weight] = dq.input("Scale")[0]
+    return out
+
+
 @contextmanager
 def edited_inference_model(model_file: Union[str, os.PathLike]):
     """Load a saved Paddle inference model into a fresh scope, yield (program, scope) for its
@@ -106,3 +127,40 @@ def add_to_paddle_params(model_file: Union[str, os.PathLike], deltas: Dict[str, 
     with edited_inference_model(model_file) as (_, scope):
         for name, delta in deltas.items():
             add_to_param(scope, name, delta, paddle.CPUPlace())
+
+
+def write_paddle_weights(model_file: Union[str, os.PathLike], ints_by_paddle_name: dict[str, np.ndarray]) -> int:
+    """Replace the int8 weights of an onnx_format Paddle program (weights are stored as int8
+    tensors read by dequantize_linear) with the learned ones; returns how many were written."""
+    with edited_inference_model(model_file) as (prog, scope):
+        dq_inputs = {op.input("X")[0] for op in prog.global_block().ops if op.type == "dequantize_linear"}
+        for name, q in ints_by_paddle_name.items():
+            var = scope.find_var(name)
+            if var is None or name not in dq_inputs:
+                raise ModelError(f"the Paddle int8 program has no int8 weight {name!r} read by "
+                                 "dequantize_linear (was it saved with onnx_format: true?)")
+            tensor = var.get_tensor()
+            old = np.array(tensor)
+            if old.shape != q.shape:
+                raise ModelError(f"Paddle weight {name} has shape {old.shape}, the learned one {q.shape}")
+            tensor.set(q.astype(old.dtype), paddle.CPUPlace())
+    return len(ints_by_paddle_name)
+
+
+def write_paddle_act_thresholds(model_file: Union[str, os.PathLike], thresholds_by_weight: dict[str, float]) -> int:
+    """Set the input threshold of the Paddle int8 program's convs, named by their weight;
+    returns how many Scale tensors were written (readers of one tensor share one)."""
+    if not thresholds_by_weight:
+        return 0
+    with edited_inference_model(model_file) as (prog, scope):
+        scales = conv_input_scales(prog, list(thresholds_by_weight))
+        written = {}
+        for weight, threshold in thresholds_by_weight.items():
+            scale = scales[weight]
+            if scale in written and not math.isclose(written[scale], threshold, rel_tol=1e-6):
+                raise ModelError(f"internal error: two thresholds learned for one Paddle tensor ({scale})")
+            tensor = scope.find_var(scale).get_tensor()
+            old = np.array(tensor)
+            tensor.set(np.full(old.shape, threshold, dtype=old.dtype), paddle.CPUPlace())
+            written[scale] = threshold
+    return len(written)

@@ -380,7 +380,7 @@ def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, 
     from dataclasses import replace
 
     from .gptq import gptq_weights
-    from .reconstruct import write_paddle_weights
+    from .paddle_params import write_paddle_weights
 
     with timer("gptq"):
         ints = gptq_weights(onnx_model, params, images, input_name)

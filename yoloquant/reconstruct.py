@@ -29,6 +29,13 @@ layer). Here everything works on the original ONNX graph, the graph the QDQ file
   fake-quantized with its calibrated threshold (straight-through gradient); QDrop keeps each
   element float with probability drop_prob. Hard rounding at the end: floor + (V >= 0), so each
   int8 weight is floor or ceil of w/s: within one step of round-to-nearest.
+* **Learned activation steps** (``recon_act_scale: learned``, with simulate_activation_quant):
+  each quantized conv's input threshold T is also learned, as LSQ does (Esser et al. 2020; the
+  BRECQ and QDrop papers learn their activation steps the same way): T = T_calibrated * r, the
+  gradient reaching r through the rounding (straight-through) and the clipping. One threshold
+  per tensor, as both artifacts deploy it: the first unit reading a tensor learns it, later
+  readers use the learned value fixed. The image input keeps its calibrated grid (the ORT layout
+  replaces it with the exact 1/255 grid anyway).
 """
 from __future__ import annotations
 
@@ -55,6 +62,11 @@ INPUT_SOURCES = ("float", "quantized")
 ZETA, GAMMA = 1.1, -0.1  # rectified sigmoid stretch (AdaRound)
 WQMAX = 127  # weight grid of qdq.insert_qdq: clip(round(w / s), -127, 127)
 ACT_QMIN, ACT_QMAX = -128, 127  # uint8 with zero point 128 = symmetric int8 grid plus -128
+ACT_SCALES = ("calibrated", "learned")
+# Adam moves the threshold ratio r by about this much per step: over a unit's ~200 steps r can
+# travel +-0.2 at most, i.e. the learned grid stays near the calibrated one it refines
+ACT_SCALE_LR = 1e-3
+ACT_RATIO_MIN = 0.05  # the threshold never collapses to 0 (a zero step divides by zero)
 
 
 # ---- settings -------------------------------------------------------------------------------
@@ -79,12 +91,18 @@ class ReconSettings:
     batch_size: Optional[int] = None  # crops per step: layer-wise 32, region-wise 8
     seed: int = 0
     regions: Optional[list] = None  # [[input, output], ...] ONNX tensor names; None: found
+    act_scale: str = "calibrated"  # or learned (LSQ; needs simulate_activation_quant)
 
     def __post_init__(self):
         if self.recon_level not in RECON_LEVELS:
             raise ConfigError(f"recon_level must be one of {', '.join(RECON_LEVELS)}, got {self.recon_level!r}")
         if self.input_source not in INPUT_SOURCES:
             raise ConfigError(f"recon_input must be one of {', '.join(INPUT_SOURCES)}, got {self.input_source!r}")
+        if self.act_scale not in ACT_SCALES:
+            raise ConfigError(f"recon_act_scale must be one of {', '.join(ACT_SCALES)}, got {self.act_scale!r}")
+        if self.act_scale == "learned" and not self.simulate_activation_quant:
+            raise ConfigError("recon_act_scale: learned needs --simulate_activation_quant (the activation "
+                              "steps are learned through the simulated activation quantization)")
         layer = self.recon_level == "layer-wise"
         self.crops_per_image = self.crops_per_image or (8 if layer else 2)
         self.crop = self.crop or (8 if layer else 16)
@@ -202,6 +220,7 @@ class ConvState:
     rtn: np.ndarray  # round-to-nearest int8 weight (what PTQ deploys)
     v: object = None  # paddle Parameter
     input_threshold: float = 1.0
+    input_ratio: object = None  # paddle Parameter r (recon_act_scale: learned): threshold * r
 
 
 def _conv_state(p, w: np.ndarray) -> ConvState:
@@ -267,11 +286,16 @@ class UnitRunner:
         q = ints[node.name] if ints is not None else (st.rtn if mode == "rtn" else hard_weight(st, st.v.numpy()))
         return P.to_tensor(q.astype(np.float32)) * s
 
-    def fake_quant(self, x, threshold: float, drop_prob: float, training: bool):
+    def fake_quant(self, x, threshold: float, drop_prob: float, training: bool, ratio=None):
         P = self.paddle
-        s = threshold / 127.0
-        q = P.clip(P.round(x / s), ACT_QMIN, ACT_QMAX) * s
-        q = x + (q - x).detach()  # straight-through: gradient of identity
+        if ratio is None:
+            s = threshold / 127.0
+            q = P.clip(P.round(x / s), ACT_QMIN, ACT_QMAX) * s
+            q = x + (q - x).detach()  # straight-through: gradient of identity
+        else:  # LSQ: the step gets gradient through the rounding and the clipping
+            s = P.clip(ratio, min=ACT_RATIO_MIN) * (threshold / 127.0)
+            c = P.clip(x / s, ACT_QMIN, ACT_QMAX)
+            q = (c + (P.round(c) - c).detach()) * s
         if training and drop_prob > 0:
             keep = (P.rand(x.shape) < drop_prob).astype(x.dtype)
             q = keep * x + (1 - keep) * q
@@ -289,7 +313,8 @@ class UnitRunner:
             if n.op_type == "Conv":
                 inp = ins[0]
                 if act_quant and n.name in self.states:
-                    inp = self.fake_quant(inp, self.states[n.name].input_threshold, drop_prob, training)
+                    st = self.states[n.name]
+                    inp = self.fake_quant(inp, st.input_threshold, drop_prob, training, st.input_ratio)
                 w = self.weight(n, mode, ints)
                 pads = a.get("pads", [0, 0, 0, 0])
                 y = F.conv2d(inp, w, bias=ins[2] if len(ins) > 2 else None, stride=a.get("strides", [1, 1]),
@@ -336,6 +361,9 @@ class UnitResult:
     iterations: int
     seconds: float
     crops: int
+    # recon_act_scale learned: {conv: [calibrated, learned]} input thresholds of the convs whose
+    # input tensor this unit learned
+    input_thresholds: dict = field(default_factory=dict)
 
 
 def _evaluate(P, runner, crops: CropSet, target, act_quant: bool, mode: str, ints=None, chunk: int = 64) -> float:
@@ -352,8 +380,12 @@ def _evaluate(P, runner, crops: CropSet, target, act_quant: bool, mode: str, int
 
 
 def reconstruct_unit(unit: Unit, crops: CropSet, states: dict[str, ConvState], consts: dict,
-                     settings: ReconSettings, rng, progress=None) -> tuple[dict, UnitResult]:
-    """Learns the rounding of the unit's quantized convs; returns {conv: int8 weight} and stats."""
+                     settings: ReconSettings, rng, progress=None,
+                     learn_inputs: Optional[dict] = None) -> tuple[dict, UnitResult]:
+    """Learns the rounding of the unit's quantized convs and the input thresholds of the convs
+    in learn_inputs ({conv: its input tensor}: one threshold per tensor, shared by its readers);
+    returns {conv: int8 weight} and stats. Learned thresholds are left in
+    states[conv].input_threshold."""
     import paddle as P
 
     started = time.perf_counter()
@@ -371,6 +403,14 @@ def reconstruct_unit(unit: Unit, crops: CropSet, states: dict[str, ConvState], c
                                   default_initializer=P.nn.initializer.Assign(_init_v(st)))
         params.append(st.v)
     opt = P.optimizer.Adam(learning_rate=settings.lr, parameters=params)
+    per_tensor, ratios = {}, {}
+    for name, tensor in (learn_inputs or {}).items():
+        if tensor not in per_tensor:
+            per_tensor[tensor] = P.create_parameter([1], "float32",
+                                                    default_initializer=P.nn.initializer.Constant(1.0))
+        ratios[name] = states[name].input_ratio = per_tensor[tensor]
+    act_opt = (P.optimizer.Adam(learning_rate=ACT_SCALE_LR, parameters=list(per_tensor.values()))
+               if per_tensor else None)
     n = len(crops.x)
     steps_per_epoch = max(1, math.ceil(n / settings.batch_size))
     iters = settings.epochs * steps_per_epoch
@@ -399,16 +439,25 @@ def reconstruct_unit(unit: Unit, crops: CropSet, states: dict[str, ConvState], c
         loss.backward()
         opt.step()
         opt.clear_grad()
+        if act_opt is not None:
+            act_opt.step()
+            act_opt.clear_grad()
         if progress is not None and (it % 20 == 0 or it == iters - 1):
             progress.set_postfix(f"{unit.name[:40]} it {it + 1}/{iters} rec {float(rec):.4g}")
     ints = {name: hard_weight(states[name], states[name].v.numpy()) for name in unit.convs}
     after = _evaluate(P, runner, crops, target, act_quant, "hard", ints=ints)
     changed = sum(int((ints[c] != states[c].rtn).sum()) for c in unit.convs)
     total = sum(ints[c].size for c in unit.convs)
+    thresholds = {}
     for name in unit.convs:
-        states[name].v = None
+        st = states[name]
+        st.v = None
+        if name in ratios:
+            learned = st.input_threshold * max(float(ratios[name].numpy()[0]), ACT_RATIO_MIN)
+            thresholds[name] = [st.input_threshold, learned]
+            st.input_threshold, st.input_ratio = learned, None
     return ints, UnitResult(unit.name, list(unit.convs), before, after, changed / max(total, 1), total,
-                            iters, round(time.perf_counter() - started, 2), n)
+                            iters, round(time.perf_counter() - started, 2), n, thresholds)
 
 
 @dataclass
@@ -418,6 +467,7 @@ class ReconResult:
     ints: dict  # conv name -> learned int8 weight
     rtn: dict  # conv name -> round-to-nearest int8 weight
     seconds: dict = field(default_factory=dict)
+    thresholds: dict = field(default_factory=dict)  # conv name -> learned input threshold
 
     def summary(self, settings: ReconSettings) -> dict:
         changed = sum(int((self.ints[c] != self.rtn[c]).sum()) for c in self.ints)
@@ -429,6 +479,7 @@ class ReconResult:
             "changed_fraction": changed / max(total, 1),
             "loss_before_total": float(sum(u.loss_before for u in self.units)),
             "loss_after_total": float(sum(u.loss_after for u in self.units)),
+            "input_thresholds_learned": len(self.thresholds),
             "per_unit": [vars(u) for u in self.units],
             "seconds": self.seconds,
         }
@@ -440,9 +491,10 @@ def reconstruct(onnx_model: onnx.ModelProto, conv_params: list, images: Sequence
                 cache_dir: Optional[Path] = None, progress: bool = True) -> ReconResult:
     """Learned rounding for every conv in conv_params (except float_nodes).
 
-    quantized_so_far: needed for input_source 'quantized': {conv: learned int8 weight} -> the
-    deployed QDQ model with those weights (round-to-nearest elsewhere); its conv-input tensors
-    keep the float graph's names, so the same names are fetched from both.
+    quantized_so_far: needed for input_source 'quantized': ({conv: learned int8 weight},
+    {conv: learned input threshold}) -> the deployed QDQ model with those (round-to-nearest and
+    calibrated elsewhere); its conv-input tensors keep the float graph's names, so the same
+    names are fetched from both.
     """
     import paddle
 
@@ -478,24 +530,46 @@ def reconstruct(onnx_model: onnx.ModelProto, conv_params: list, images: Sequence
     by_name = {n.name: n for n in onnx_model.graph.node}
     states = {p.node_name: _conv_state(p, consts[by_name[p.node_name].input[1]]) for p in params}
     rng = np.random.default_rng(settings.seed)
-    results, ints = [], {}
+    results, ints, thresholds = [], {}, {}
+    input_of = {name: by_name[name].input[0] for name in states}
+    learned_tensors: dict[str, float] = {}  # tensor -> threshold learned by its first reader
     t1 = time.perf_counter()
     bar = Progress(len(units), f"{settings.recon_level} reconstruction", "regions"
                    if settings.recon_level == "region-wise" else "layers", enabled=progress)
     for k, (unit, cs) in enumerate(zip(units, crops)):
+        learn_inputs = {}
+        if settings.act_scale == "learned":
+            for c in unit.convs:
+                x = input_of[c]
+                if x in learned_tensors:
+                    states[c].input_threshold = thresholds[c] = learned_tensors[x]
+                elif x != input_name:
+                    learn_inputs[c] = x
         if sequential:
-            cs = quantized_crops(unit, quantized_so_far(ints), images, input_name, settings,
-                                 positions[k], cs)
-        learned, res = reconstruct_unit(unit, cs, states, consts, settings, rng, progress=bar if progress else None)
+            cs = quantized_crops(unit, quantized_so_far(ints, thresholds), images, input_name,
+                                 settings, positions[k], cs)
+        learned, res = reconstruct_unit(unit, cs, states, consts, settings, rng,
+                                        progress=bar if progress else None, learn_inputs=learn_inputs)
         ints.update(learned)
+        for c in res.input_thresholds:
+            thresholds[c] = learned_tensors[input_of[c]] = states[c].input_threshold
         results.append(res)
         bar.update()
         log.debug("%s: loss %.5g -> %.5g, %.1f%% weights re-rounded, %.1f s", res.name, res.loss_before,
                   res.loss_after, 100 * res.changed_fraction, res.seconds)
     bar.close()
     seconds["optimise"] = round(time.perf_counter() - t1, 2)
-    new_params = [replace(p, quantized_weight=ints[p.node_name]) if p.node_name in ints else p for p in conv_params]
-    return ReconResult(new_params, results, ints, {k: s.rtn for k, s in states.items()}, seconds)
+    new_params = [with_learned(p, ints, thresholds) for p in conv_params]
+    return ReconResult(new_params, results, ints, {k: s.rtn for k, s in states.items()}, seconds, thresholds)
+
+
+def with_learned(p, ints: dict, thresholds: dict):
+    """ConvQuantParams p with its learned int8 weight and input threshold, where learned."""
+    if p.node_name in ints:
+        p = replace(p, quantized_weight=ints[p.node_name])
+    if p.node_name in thresholds:
+        p = replace(p, input_threshold=float(thresholds[p.node_name]))
+    return p
 
 
 def _cached_crops(units, model, images, input_name, settings, cache_dir, progress):
@@ -522,26 +596,3 @@ def _cached_crops(units, model, images, input_name, settings, cache_dir, progres
     np.savez(tmp, **arrays)
     tmp.replace(path)  # atomic: a killed run leaves no half-written cache
     return crops
-
-
-# ---- the Paddle int8 model ------------------------------------------------------------------
-def write_paddle_weights(model_file: Path, ints_by_paddle_name: dict[str, np.ndarray]) -> int:
-    """Replace the int8 weights of an onnx_format Paddle program (weights are stored as int8
-    tensors read by dequantize_linear) with the learned ones; returns how many were written."""
-    import paddle
-
-    from .paddle_params import edited_inference_model
-
-    with edited_inference_model(model_file) as (prog, scope):
-        dq_inputs = {op.input("X")[0] for op in prog.global_block().ops if op.type == "dequantize_linear"}
-        for name, q in ints_by_paddle_name.items():
-            var = scope.find_var(name)
-            if var is None or name not in dq_inputs:
-                raise ModelError(f"the Paddle int8 program has no int8 weight {name!r} read by "
-                                 "dequantize_linear (was it saved with onnx_format: true?)")
-            tensor = var.get_tensor()
-            old = np.array(tensor)
-            if old.shape != q.shape:
-                raise ModelError(f"Paddle weight {name} has shape {old.shape}, the learned one {q.shape}")
-            tensor.set(q.astype(old.dtype), paddle.CPUPlace())
-    return len(ints_by_paddle_name)
