@@ -238,6 +238,47 @@ def test_regions_from_graph_structure(tmp_path):
     assert units[0].stride == (4, 4) and units[0].out_shape == (16, 16, 16)
 
 
+def _hardswish_graph() -> onnx.ModelProto:
+    """Conv -> HardSigmoid/Mul (HardSwish as PyTorch exports it) -> depthwise Conv -> HardSwish
+    node -> Conv: the YOLOv6-Lite block shape."""
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, s).astype(np.float32), n) for n, s in
+             (("w0", (8, 3, 3, 3)), ("w1", (8, 1, 3, 3)), ("w2", (4, 8, 1, 1)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["c0"], "conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("HardSigmoid", ["c0"], ["g0"], "gate0", alpha=1 / 6, beta=0.5),
+        helper.make_node("Mul", ["c0", "g0"], ["a0"], "mul0"),
+        helper.make_node("Conv", ["a0", "w1"], ["c1"], "dw1", pads=[1, 1, 1, 1], group=8),
+        helper.make_node("HardSwish", ["c1"], ["a1"], "hswish1"),
+        helper.make_node("Conv", ["a1", "w2"], ["y"], "pw2")]
+    graph = helper.make_graph(nodes, "hswish", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 16, 16])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+
+
+def test_hardswish_blocks_are_reconstructed_with_their_convs():
+    """YOLOv6-Lite's HardSwish (HardSigmoid + Mul, or the HardSwish op) is inside the units, and
+    the reconstruction interpreter computes it as ONNX Runtime does."""
+    import onnxruntime as ort
+    import paddle
+
+    from yoloquant.recon_units import graph_constants, layer_units_indices
+    from yoloquant.reconstruct import UnitRunner
+
+    model = _hardswish_graph()
+    convs = ["conv0", "dw1", "pw2"]
+    names = lambda units: [[model.graph.node[k].name for k in u] for u in units]  # noqa: E731
+    assert names(layer_units_indices(model, convs)) == [["conv0", "gate0", "mul0"], ["dw1", "hswish1"], ["pw2"]]
+    assert names(find_regions(model, convs, limit=6)) == [["conv0", "gate0", "mul0", "dw1", "hswish1", "pw2"]]
+    unit = build_units(model, convs, "region-wise", 6)[0]
+    x = np.random.default_rng(4).normal(0, 2, (1, 3, 16, 16)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = UnitRunner(unit, graph_constants(model), {})(paddle.to_tensor(x), "float").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_no_quantized_conv_is_an_error(tiny, tmp_path):
     root, raw = tiny
     cal = calibrate(config_from_dict(raw), tmp_path / "cal", "avg")

@@ -16,7 +16,10 @@ from .errors import ConfigError, ModelError
 from .runtime import session_with_outputs
 
 # ops a unit may contain: those reconstruct.py's small interpreter runs
-SUPPORTED_OPS = {"Conv", "Sigmoid", "Mul", "Add", "Concat", "MaxPool", "Relu", "LeakyRelu"}
+SUPPORTED_OPS = {"Conv", "Sigmoid", "HardSigmoid", "HardSwish", "Mul", "Add", "Concat", "MaxPool", "Relu",
+                 "LeakyRelu"}
+# the gate of a gated activation y * gate(y): SiLU (YOLOv5/X/v7), HardSwish as exported (YOLOv6-Lite)
+GATES = ("Sigmoid", "HardSigmoid")
 
 
 @dataclass
@@ -107,7 +110,8 @@ def find_regions(model: onnx.ModelProto, quantized: Sequence[str], limit: int) -
 
 
 def layer_units_indices(model: onnx.ModelProto, quantized: Sequence[str]) -> list[list[int]]:
-    """One conv each, plus its SiLU when the conv output feeds only Sigmoid and Mul(y, sigmoid(y))."""
+    """One conv each, plus its gated activation (SiLU, HardSwish) when the conv output feeds only
+    the gate and Mul(y, gate(y)), or its HardSwish node."""
     nodes = list(model.graph.node)
     readers = _consumers(model)
     outs = {o.name for o in model.graph.output}
@@ -117,15 +121,16 @@ def layer_units_indices(model: onnx.ModelProto, quantized: Sequence[str]) -> lis
         if n.op_type != "Conv" or n.name not in qset:
             continue
         y = n.output[0]
-        users = [nodes[k] for k in readers.get(y, [])]
-        sig = [u for u in users if u.op_type == "Sigmoid"]
-        mul = [u for u in users if u.op_type == "Mul"]
-        if (len(users) == 2 and len(sig) == 1 and len(mul) == 1 and y not in outs
-                and sorted(mul[0].input) == sorted([y, sig[0].output[0]])
-                and [nodes[k] for k in readers.get(sig[0].output[0], [])] == mul
-                and sig[0].output[0] not in outs):
-            idx = {id(u): k for k, u in enumerate(nodes)}
-            units.append([i, idx[id(sig[0])], idx[id(mul[0])]])
+        users = readers.get(y, [])
+        sig = [k for k in users if nodes[k].op_type in GATES]
+        mul = [k for k in users if nodes[k].op_type == "Mul"]
+        if len(users) == 1 and nodes[users[0]].op_type == "HardSwish" and y not in outs:
+            units.append([i, users[0]])
+        elif (len(users) == 2 and len(sig) == 1 and len(mul) == 1 and y not in outs
+                and sorted(nodes[mul[0]].input) == sorted([y, nodes[sig[0]].output[0]])
+                and readers.get(nodes[sig[0]].output[0], []) == mul
+                and nodes[sig[0]].output[0] not in outs):
+            units.append([i, sig[0], mul[0]])
         else:
             units.append([i])
     return units

@@ -322,6 +322,10 @@ class UnitRunner:
                              groups=a.get("group", 1))
             elif n.op_type == "Sigmoid":
                 y = F.sigmoid(ins[0])
+            elif n.op_type == "HardSigmoid":  # ONNX defaults: alpha 0.2, beta 0.5
+                y = P.clip(a.get("alpha", 0.2) * ins[0] + a.get("beta", 0.5), 0.0, 1.0)
+            elif n.op_type == "HardSwish":
+                y = ins[0] * P.clip(ins[0] / 6.0 + 0.5, 0.0, 1.0)
             elif n.op_type == "Mul":
                 y = ins[0] * ins[1]
             elif n.op_type == "Add":
