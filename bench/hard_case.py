@@ -14,7 +14,9 @@ The hard case is the seed's analysis setting: KL calibration, per-tensor weights
 4. the target search (`target_drop`) made on the analysis images, checked on held-out images;
 5. fine_tune.py's AdaRound (layer-wise), BRECQ (region-wise) and QDrop (region-wise with
    simulated activation quantization), with float and with quantized-so-far inputs: the share
-   of the PTQ loss recovered on held-out images, with its paired bootstrap interval.
+   of the PTQ loss recovered on held-out images, with its paired bootstrap interval. On request
+   (`--methods`) also the variants QDrop-LSQ (learned activation steps, `recon_act_scale`) and
+   QDrop+BC (`conv_bias_correction` after the rounding), and both together.
 
 `--case easy` runs step 5 on the config as given (the defaults) instead: fine_tune must not be
 worse than plain PTQ there. Every artifact goes into --work and is reused when it is already
@@ -45,8 +47,14 @@ from yoloquant.validator import compare_to  # noqa: E402
 TOP_K = (3, 5, 10)
 RANDOM_DRAWS = 5
 TARGET_DROP = 1.0  # points below float on the analysis images
-RECON = {  # name -> (recon_level, simulate_activation_quant)
-    "AdaRound": ("layer-wise", False), "BRECQ": ("region-wise", False), "QDrop": ("region-wise", True)}
+RECON = {  # name -> (recon_level, simulate_activation_quant, config keys set for it)
+    "AdaRound": ("layer-wise", False, {}), "BRECQ": ("region-wise", False, {}),
+    "QDrop": ("region-wise", True, {}),
+    # variants, run on request (--methods)
+    "QDrop-LSQ": ("region-wise", True, {"recon_act_scale": "learned"}),
+    "QDrop+BC": ("region-wise", True, {"conv_bias_correction": True}),
+    "QDrop-LSQ+BC": ("region-wise", True, {"recon_act_scale": "learned", "conv_bias_correction": True})}
+DEFAULT_METHODS = ("AdaRound", "BRECQ", "QDrop")
 RECON_INPUTS = ("float", "quantized")
 
 
@@ -106,19 +114,19 @@ def skip_models(acfg, rows: list, work: Path, seed: int = 0) -> dict:
     return paths
 
 
-def run_fine_tunes(cfg, work: Path, inputs=RECON_INPUTS, methods=tuple(RECON)) -> dict:
+def run_fine_tunes(cfg, work: Path, inputs=RECON_INPUTS, methods=DEFAULT_METHODS) -> dict:
     from yoloquant.fine_tune import fine_tune, settings_from
 
     found = {}
     for method in methods:
-        level, simulate = RECON[method]
+        level, simulate, keys = RECON[method]
         for source in inputs:
             out = work / f"ft_{method}_{source}"
             if not done(out):
                 start = time.perf_counter()
-                settings = settings_from(dataclasses.replace(cfg, recon_input=source), level, simulate,
-                                         epochs=25, lr=0.01, limit=6)
-                fine_tune(cfg, out, settings, progress=False)
+                job = dataclasses.replace(cfg, recon_input=source, **keys)
+                settings = settings_from(job, level, simulate, epochs=25, lr=0.01, limit=6)
+                fine_tune(job, out, settings, progress=False)
                 print(f"{method} ({source} inputs): {time.perf_counter() - start:.0f} s", flush=True)
             found[f"{method} ({source} inputs)"] = out
     return found
@@ -211,7 +219,7 @@ def main() -> int:
     p.add_argument("--work", required=True, help="folder for the artifacts (reused across runs)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--case", choices=("hard", "easy"), default="hard")
-    p.add_argument("--methods", nargs="+", default=list(RECON), choices=list(RECON))
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=list(RECON))
     p.add_argument("--inputs", nargs="+", default=list(RECON_INPUTS), choices=list(RECON_INPUTS))
     p.add_argument("--no_analysis", action="store_true", help="skip steps 2-4")
     p.add_argument("--tag", default="", help="appended to the result files' names, so a partial "
