@@ -163,8 +163,42 @@ def test_a_pair_that_measures_worse_is_rejected():
     result = equalize(model, images(), "X", "cle")
     (o,) = result.outcomes
     assert not o.applied and "no gain" in o.reason
-    assert result.model is model and "none improved" in result.message
+    assert result.model is model and "none applied" in result.message
     assert json.dumps(result.as_dict())  # the report is JSON-serialisable
+
+
+def test_per_tensor_weights_are_simulated_and_the_first_conv_judged_too():
+    """weight_quantize_type abs_max: one weight scale per conv. Rescaling convA's output
+    channels evens convA's own weights (its 100x channel gains cost it ~28 dB per tensor) and
+    moves the spread into the depthwise convB's weights, which per-channel weights would not pay
+    for: both show in the per-tensor measurement, and the first conv is judged with the seconds."""
+    from yoloquant.equalize.measure import absmax_params
+
+    model, imgs = pair_model("relu"), images()
+    (p,) = absmax_params(model, ["convA"], imgs, "X", per_channel=False)
+    wa = numpy_helper.to_array(model.graph.initializer[0])
+    assert p.weight_thresholds.shape == (1,) and p.weight_thresholds[0] == pytest.approx(np.abs(wa).max())
+    (pc,) = equalize(model, imgs, "X", "cle").outcomes
+    (pt,) = equalize(model, imgs, "X", "cle", per_channel_weights=False).outcomes
+    assert set(pc.snr_before_db) == {"convB"} and set(pt.snr_before_db) == {"convA", "convB"}
+    assert pt.applied and pt.snr_after_db["convA"] > pt.snr_before_db["convA"] + 20
+    assert pt.snr_after_db["convB"] < pc.snr_after_db["convB"] - 10
+
+
+@pytest.mark.parametrize("activation,kind", [("relu", "exact"), ("silu", "silu")])
+def test_a_class_that_lowers_the_int8_head_snr_is_not_applied(activation, kind, monkeypatch):
+    """The class guard's verdict is acted on: pairs judged alone to gain, whose class makes the
+    all-8-bit head output further from float, are left out of the model (the approximate ones
+    were once only reported as rejected and still applied)."""
+    import yoloquant.equalize.algorithm as alg
+
+    model = pair_model(activation)
+    monkeypatch.setattr(alg, "_int8_head_snr", lambda m, *a, **k: 30.0 if m is model else 20.0)
+    result = equalize(model, images(), "X", "cle")
+    (o,) = result.outcomes
+    assert kind in result.class_rejections and "20.00 dB" in result.class_rejections[kind]
+    assert not o.applied and "rejected as a class" in o.reason
+    assert result.model is model and "none applied" in result.message
 
 
 def test_post_quant_carries_the_equalized_weights_into_both_artifacts(tmp_path):

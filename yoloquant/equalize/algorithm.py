@@ -223,8 +223,8 @@ def rewrite(model: onnx.ModelProto, outcomes) -> onnx.ModelProto:
 
 
 # ---- the decision ---------------------------------------------------------------------------
-def _mean_db(snr: dict, pair: Pair) -> float:
-    return float(np.mean([snr[c] for c in pair.seconds]))
+def _mean_db(snr: dict, convs) -> float:
+    return float(np.mean([snr[c] for c in convs]))
 
 
 def _pair_inputs(model, pairs, images, input_name) -> dict:
@@ -276,17 +276,23 @@ def _bases(post: np.ndarray, pre: np.ndarray) -> dict:
     return found
 
 
-def _judge(model, pair, post, pre, inputs, allow_gate: bool, output_grid: bool) -> PairOutcome:
+def _judge(model, pair, post, pre, inputs, allow_gate: bool, output_grid: bool,
+           per_channel: bool = True) -> PairOutcome:
     """Measure the pair alone (graph.pair_subgraph, on the original model's values of its input):
     8-bit SNR of its second convs against the original float (with output_grid, the first
     conv's output requantized too), as is and equalized in each form; keep the best, or reject
-    when none gains MIN_GAIN_DB."""
+    when none gains MIN_GAIN_DB. With per-tensor weights the first conv is judged too: scaling
+    its output channels changes its own weight grid, which per-channel weights are immune to."""
     sub = pair_subgraph(model, pair)
     x_name = sub.graph.input[0].name
+    judged = list(pair.seconds) if per_channel else [pair.first, *pair.seconds]
 
-    def measured(m):
-        return layer_error_db(sub, _with_output_grid(m, pair, inputs, x_name) if output_grid else m,
-                              pair.seconds, {}, inputs, x_name)
+    def measured(m, out_scale=None):
+        snr = layer_error_db(sub, _with_output_grid(m, pair, inputs, x_name) if output_grid else m,
+                             pair.seconds, {}, inputs, x_name, per_channel)
+        if not per_channel:  # its weight error, in the original's units (its output grid is in the seconds')
+            snr.update(layer_error_db(sub, m, [pair.first], out_scale or {}, inputs, x_name, False))
+        return snr
 
     before = measured(sub)
     forms = [(1.0, False)] if pair.exact else [(st, False) for st in APPROX_STRENGTHS]
@@ -296,36 +302,36 @@ def _judge(model, pair, post, pre, inputs, allow_gate: bool, output_grid: bool) 
     for basis, a in _bases(post, pre).items():
         for strength, gate in forms:
             s = pair_scales(model, pair, a, strength)
-            snr = measured(apply_scales(sub, {pair: s}, [pair] if gate else [])[0])
-            if best is None or _mean_db(snr, pair) > _mean_db(best[3], pair):
+            snr = measured(*apply_scales(sub, {pair: s}, [pair] if gate else []))
+            if best is None or _mean_db(snr, judged) > _mean_db(best[3], judged):
                 best = (strength, gate, s, snr, basis)
     strength, gate, s, snr, basis = best
     o = PairOutcome(pair, True, strength=strength, gate=gate, spread_before=_spread(post), scales=s,
-                    snr_before_db={c: before[c] for c in pair.seconds},
-                    snr_after_db={c: snr[c] for c in pair.seconds}, basis=basis)
-    if _mean_db(snr, pair) < _mean_db(before, pair) + MIN_GAIN_DB:
+                    snr_before_db={c: before[c] for c in judged},
+                    snr_after_db={c: snr[c] for c in judged}, basis=basis)
+    if _mean_db(snr, judged) < _mean_db(before, judged) + MIN_GAIN_DB:
         o.applied = False
-        o.reason = (f"8-bit SNR of its second conv(s) {_mean_db(snr, pair):.1f} dB equalized vs "
-                    f"{_mean_db(before, pair):.1f} dB as is: no gain")
+        o.reason = (f"8-bit SNR of its {'second ' if per_channel else ''}conv(s) {_mean_db(snr, judged):.1f} "
+                    f"dB equalized vs {_mean_db(before, judged):.1f} dB as is: no gain")
     return o
 
 
-def _choose(model, pairs, images, input_name, allow_gate, output_grid) -> list[PairOutcome]:
+def _choose(model, pairs, images, input_name, allow_gate, output_grid, per_channel) -> list[PairOutcome]:
     by_name = {n.name: n for n in model.graph.node}
     pre_of = {p: by_name[p.first].output[0] for p in pairs}
     ranges = channel_absmax(model, [p.middle for p in pairs] + list(pre_of.values()), images, input_name)
     inputs = _pair_inputs(model, pairs, images, input_name)
-    return [_judge(model, p, ranges[p.middle], ranges[pre_of[p]], inputs[p], allow_gate, output_grid)
-            for p in pairs]
+    return [_judge(model, p, ranges[p.middle], ranges[pre_of[p]], inputs[p], allow_gate, output_grid,
+                   per_channel) for p in pairs]
 
 
-def _int8_head_snr(model, reference_out, images, input_name) -> float:
+def _int8_head_snr(model, reference_out, images, input_name, per_channel: bool = True) -> float:
     """Head-output SNR, against the original float, of `model` with every conv in 8 bits."""
     from ..qdq import insert_qdq
 
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"
              and all(t in {i.name for i in model.graph.initializer} for t in n.input[1:2])]
-    qdq = insert_qdq(model, absmax_params(model, convs, images, input_name))
+    qdq = insert_qdq(model, absmax_params(model, convs, images, input_name, per_channel))
     return head_snr_db(reference_out, head_outputs(qdq, images, input_name))
 
 
@@ -341,40 +347,53 @@ def _check_exact(model, outcomes, reference_out, images, input_name) -> float:
     return diff
 
 
-def _guard_classes(model, outcomes, reference_out, images, input_name) -> tuple[dict, dict]:
-    """Drop each approximate class whose pairs make the all-8-bit head output further from the
-    original float. Returns ({variant: int8 head SNR}, {class: why rejected})."""
+def _guard_classes(model, outcomes, reference_out, images, input_name,
+                   per_channel: bool = True) -> tuple[dict, dict]:
+    """Drop each class of pairs (the exact ones, then each approximate activation kind) whose
+    pairs make the all-8-bit head output further from the original float. Each pair was judged
+    alone; this catches what only shows together (with per-tensor weights, the rescaled first
+    convs' weight grids). Returns ({variant: int8 head SNR}, {class: why rejected})."""
     def applied_model(keep):
         return rewrite(model, [o for o in outcomes if o.applied and keep(o)])
 
-    snr = {"original": _int8_head_snr(model, reference_out, images, input_name)}
+    def reject(kind, why, members):
+        rejected[kind] = why
+        for o in outcomes:
+            if o.applied and members(o):
+                o.applied, o.reason = False, f"{kind} pairs rejected as a class: {why}"
+
+    snr = {"original": _int8_head_snr(model, reference_out, images, input_name, per_channel)}
     base_key, rejected = "original", {}
     if any(o.applied and o.exact for o in outcomes):
         snr["exact_pairs"] = _int8_head_snr(applied_model(lambda o: o.exact), reference_out,
-                                            images, input_name)
-        base_key = "exact_pairs"
+                                            images, input_name, per_channel)
+        if snr["exact_pairs"] < snr["original"]:
+            reject("exact", f"8-bit head-output SNR {snr['exact_pairs']:.2f} dB with the exact pairs vs "
+                   f"{snr['original']:.2f} dB without", lambda o: o.exact)
+        else:
+            base_key = "exact_pairs"
     for kind in sorted({o.pair.activation for o in outcomes if o.applied and not o.exact}):
         key = f"exact_pairs+{kind}" if base_key != "original" else kind
         with_kind = applied_model(lambda o: o.exact or o.pair.activation == kind)
-        snr[key] = _int8_head_snr(with_kind, reference_out, images, input_name)
+        snr[key] = _int8_head_snr(with_kind, reference_out, images, input_name, per_channel)
         float_db = head_snr_db(reference_out, head_outputs(with_kind, images, input_name))
+        members = lambda o, kind=kind: not o.exact and o.pair.activation == kind  # noqa: E731
         if snr[key] < snr[base_key]:
-            rejected[kind] = (f"8-bit head-output SNR {snr[key]:.2f} dB with the {kind} pairs vs "
-                              f"{snr[base_key]:.2f} dB without")
+            reject(kind, f"8-bit head-output SNR {snr[key]:.2f} dB with the {kind} pairs vs "
+                   f"{snr[base_key]:.2f} dB without", members)
         elif float_db < APPROX_MIN_FLOAT_SNR_DB:
-            rejected[kind] = (f"the float model with the {kind} pairs rescaled is {float_db:.1f} dB "
-                              f"SNR from the original (< {APPROX_MIN_FLOAT_SNR_DB:g} dB)")
-            for o in outcomes:
-                if o.applied and not o.exact and o.pair.activation == kind:
-                    o.applied, o.reason = False, f"{kind} pairs rejected as a class: {rejected[kind]}"
+            reject(kind, f"the float model with the {kind} pairs rescaled is {float_db:.1f} dB "
+                   f"SNR from the original (< {APPROX_MIN_FLOAT_SNR_DB:g} dB)", members)
     return snr, rejected
 
 
 def equalize(model: onnx.ModelProto, images: Sequence[np.ndarray], input_name: str,
-             mode: str = "cle", output_grid: bool = True) -> EqualizationResult:
+             mode: str = "cle", output_grid: bool = True, per_channel_weights: bool = True) -> EqualizationResult:
     """Equalize `model` (not modified) on `images` (CHW float arrays); see the module doc.
     `output_grid`: the deployed runtime requantizes conv outputs (ONNX Runtime's layout), so
-    each pair is judged with its first conv's output in 8 bits too."""
+    each pair is judged with its first conv's output in 8 bits too. `per_channel_weights`:
+    false when the deployed weights have one scale per tensor (`weight_quantize_type: abs_max`),
+    so every measurement simulates that."""
     pairs, not_paired = find_pairs(model)
     result = EqualizationResult(model, mode, not_paired=not_paired)
     if mode == "none":
@@ -384,11 +403,12 @@ def equalize(model: onnx.ModelProto, images: Sequence[np.ndarray], input_name: s
         result.message = "no equalizable conv pair in this model: nothing changed"
         log.info("equalization: %s", result.message)
         return result
-    result.outcomes = _choose(model, pairs, images, input_name, mode == "cle_gate", output_grid)
+    result.outcomes = _choose(model, pairs, images, input_name, mode == "cle_gate", output_grid,
+                              per_channel_weights)
     reference_out = head_outputs(model, images, input_name)
     result.exact_max_rel_diff = _check_exact(model, result.outcomes, reference_out, images, input_name)
     result.int8_head_snr_db, result.class_rejections = _guard_classes(
-        model, result.outcomes, reference_out, images, input_name)
+        model, result.outcomes, reference_out, images, input_name, per_channel_weights)
     _finish(model, result, reference_out, images, input_name)
     return result
 
@@ -396,8 +416,8 @@ def equalize(model: onnx.ModelProto, images: Sequence[np.ndarray], input_name: s
 def _finish(model, result: EqualizationResult, reference_out, images, input_name) -> None:
     applied = result.applied
     if not applied:
-        result.message = (f"{len(result.outcomes)} conv pairs found, none improved the measured "
-                          "8-bit SNR: nothing changed")
+        result.message = (f"{len(result.outcomes)} conv pairs found, none applied (no measured 8-bit "
+                          "SNR gain, or its class rejected): nothing changed")
         log.info("equalization: %s", result.message)
         return
     result.model = rewrite(model, applied)
@@ -415,5 +435,5 @@ def _finish(model, result: EqualizationResult, reference_out, images, input_name
     for o in result.outcomes:
         log.info("  %s %s -> %s: %s", "equalized" if o.applied else "rejected ", o.pair.activation,
                  o.pair.first, f"spread {o.spread_before:.0f}x -> {o.spread_after:.1f}x, SNR "
-                 f"{_mean_db(o.snr_before_db, o.pair):.1f} -> {_mean_db(o.snr_after_db, o.pair):.1f} dB"
+                 f"{_mean_db(o.snr_before_db, o.snr_before_db):.1f} -> {_mean_db(o.snr_after_db, o.snr_after_db):.1f} dB"
                  if o.applied else o.reason)

@@ -14,7 +14,8 @@ def equalize_float_model(cfg, onnx_model: onnx.ModelProto, images: list, input_n
 
     # ONNX Runtime's layouts requantize conv outputs; Paddle, OpenVINO and TensorRT do not
     result = equalize(onnx_model, images[:cfg.equalization_images], input_name, cfg.equalization,
-                      output_grid=cfg.deploy_backend in ("onnxruntime", "conv_only"))
+                      output_grid=cfg.deploy_backend in ("onnxruntime", "conv_only"),
+                      per_channel_weights=cfg.PTQ.weight_quantize_type == "channel_wise_abs_max")
     if cfg.equalization != "none":
         log.info("equalization (%s): %s", cfg.equalization, result.message)
     return result

@@ -2,8 +2,8 @@
 per-channel ranges of tensors, the 8-bit error of a conv against the ORIGINAL float model, and
 the head-output SNR of a model against the original.
 
-The 8-bit simulation is the deployed one (per-tensor input grid, per-channel int8 weights,
-precision.py's probe) with abs-max thresholds: the calibration algorithm runs later, on the
+The 8-bit simulation is the deployed one (per-tensor input grid, int8 weights per channel or,
+with `weight_quantize_type: abs_max`, per tensor; precision.py's probe) with abs-max thresholds: the calibration algorithm runs later, on the
 equalized model, so its thresholds do not exist yet; avg (the default) is the mean of
 per-image abs-max, close to it.
 """
@@ -51,9 +51,9 @@ def channel_absmax(model: onnx.ModelProto, tensors: Sequence[str], images: Seque
 
 
 def absmax_params(model: onnx.ModelProto, convs: Sequence[str], images: Sequence[np.ndarray],
-                  input_name: str) -> list[ConvQuantParams]:
-    """8-bit parameters of `convs`: abs-max input threshold over the images, per-channel
-    abs-max weight thresholds."""
+                  input_name: str, per_channel: bool = True) -> list[ConvQuantParams]:
+    """8-bit parameters of `convs`: abs-max input threshold over the images, abs-max weight
+    thresholds per output channel (or one per tensor)."""
     by_name = {n.name: n for n in model.graph.node}
     inits = {i.name: i for i in model.graph.initializer}
     ranges = channel_absmax(model, [by_name[c].input[0] for c in convs], images, input_name)
@@ -62,13 +62,14 @@ def absmax_params(model: onnx.ModelProto, convs: Sequence[str], images: Sequence
         w = numpy_helper.to_array(inits[by_name[c].input[1]]).astype(np.float64)
         params.append(ConvQuantParams(
             node_name=c, input_threshold=max(float(ranges[by_name[c].input[0]].max()), 1e-8),
-            weight_thresholds=np.abs(w).reshape(w.shape[0], -1).max(axis=1)))
+            weight_thresholds=np.abs(w).reshape(w.shape[0], -1).max(axis=1) if per_channel
+            else np.array([np.abs(w).max()])))
     return params
 
 
 def layer_error_db(reference: onnx.ModelProto, model: onnx.ModelProto, convs: Sequence[str],
                    out_scale: dict[str, np.ndarray], images: Sequence[np.ndarray],
-                   input_name: str) -> dict[str, float]:
+                   input_name: str, per_channel: bool = True) -> dict[str, float]:
     """{conv: SNR in dB of its 8-bit output in `model` against its float output in `reference`}.
 
     As precision.layer_snr (error power over the channel's variance, averaged over live output
@@ -81,7 +82,7 @@ def layer_error_db(reference: onnx.ModelProto, model: onnx.ModelProto, convs: Se
     by_name = {n.name: n for n in reference.graph.node}
     outs = [by_name[c].output[0] for c in convs]
     ref_session = session_with_outputs(reference, outs)
-    probe, pairs = _probe_model(model, absmax_params(model, convs, images, input_name))
+    probe, pairs = _probe_model(model, absmax_params(model, convs, images, input_name, per_channel))
     names = [t for _, y, y_q in pairs for t in (y, y_q)]
     session = _session_without_rewrites(probe)
     sums: dict[str, list] = {c: [0, 0.0, 0.0, 0.0] for c in convs}
