@@ -129,7 +129,7 @@ class EqualizationResult:
                 "exact_check_max_rel_diff": self.exact_max_rel_diff,
                 "float_head_snr_db_vs_original": round(self.float_head_snr_db, 2),
                 "int8_head_snr_db_vs_original": {k: round(v, 2) for k, v in self.int8_head_snr_db.items()},
-                "approximate_classes_rejected": self.class_rejections,
+                "classes_rejected": self.class_rejections,  # "exact" or an activation kind -> why
                 "pairs": [o.as_dict() for o in self.outcomes],
                 "convs_not_first_of_a_pair": dict(sorted(self.not_paired.items()))}
 
