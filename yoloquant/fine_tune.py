@@ -59,7 +59,7 @@ def fine_tune(cfg: Config, save_dir: str | Path, settings: ReconSettings, algo: 
 def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Optional[str] = None,
                    activation_type: str = "uint8", progress: bool = True) -> PostQuantResult:
     """fine_tune's outputs written into out_dir (a staging folder: see fine_tune)."""
-    from .paddle_params import add_to_paddle_params, write_paddle_act_thresholds, write_paddle_weights
+    from .paddle_params import write_paddle_int8_params
     from .reconstruct import reconstruct, with_learned
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -100,12 +100,9 @@ def fine_tune_into(cfg: Config, out_dir: Path, settings: ReconSettings, algo: Op
         onnx.save(build_qdq(cal, skipped, activation_type), str(out_dir / QDQ_ONNX))
     with cal.timer("paddle_export"):
         to_paddle = cal.onnx_to_paddle()
-        written = write_paddle_weights(out_dir / PADDLE_MODEL,
-                                       {to_paddle[name]: q for name, q in ints.items()})
-        scales_written = write_paddle_act_thresholds(out_dir / PADDLE_MODEL,
-                                                     {to_paddle[name]: t for name, t in thresholds.items()})
-        if shifts:
-            add_to_paddle_params(out_dir / PADDLE_MODEL, shifts)
+        written, scales_written = write_paddle_int8_params(
+            out_dir / PADDLE_MODEL, weights={to_paddle[name]: q for name, q in ints.items()},
+            act_thresholds={to_paddle[name]: t for name, t in thresholds.items()}, bias_deltas=shifts)
     summary = run_summary(cal, activation_type, started, "fine_tune", float_nodes=skipped)
     summary["reconstruction"] = result.summary(settings)
     summary["reconstruction"]["paddle_weights_written"] = written

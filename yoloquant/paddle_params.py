@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import contextmanager
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import paddle
@@ -121,46 +121,55 @@ def edited_inference_model(model_file: Union[str, os.PathLike]):
     canonicalize_program_file(model_file)
 
 
-def add_to_paddle_params(model_file: Union[str, os.PathLike], deltas: Dict[str, np.ndarray]) -> None:
-    """Add `deltas` (parameter name -> values of its size) to the parameters of a saved Paddle
-    inference model, rewriting its .pdiparams in place."""
-    with edited_inference_model(model_file) as (_, scope):
-        for name, delta in deltas.items():
+def write_paddle_int8_params(model_file: Union[str, os.PathLike], weights: Optional[dict] = None,
+                             act_thresholds: Optional[dict] = None,
+                             bias_deltas: Optional[dict] = None) -> tuple[int, int]:
+    """Edit a saved onnx_format Paddle int8 program in place, loading and saving it once:
+    `weights` {int8 weight name: learned int8 values}, `act_thresholds` {conv weight name: input
+    threshold}, `bias_deltas` {parameter name: values added}. Returns (weights written, Scale
+    tensors written: readers of one tensor share one). Nothing to write: the file is untouched."""
+    if not (weights or act_thresholds or bias_deltas):
+        return 0, 0
+    with edited_inference_model(model_file) as (prog, scope):
+        n_weights = _set_int8_weights(prog, scope, weights or {})
+        n_scales = _set_act_thresholds(prog, scope, act_thresholds or {})
+        for name, delta in (bias_deltas or {}).items():
             add_to_param(scope, name, delta, paddle.CPUPlace())
+    return n_weights, n_scales
 
 
 def write_paddle_weights(model_file: Union[str, os.PathLike], ints_by_paddle_name: dict[str, np.ndarray]) -> int:
-    """Replace the int8 weights of an onnx_format Paddle program (weights are stored as int8
-    tensors read by dequantize_linear) with the learned ones; returns how many were written."""
-    with edited_inference_model(model_file) as (prog, scope):
-        dq_inputs = {op.input("X")[0] for op in prog.global_block().ops if op.type == "dequantize_linear"}
-        for name, q in ints_by_paddle_name.items():
-            var = scope.find_var(name)
-            if var is None or name not in dq_inputs:
-                raise ModelError(f"the Paddle int8 program has no int8 weight {name!r} read by "
-                                 "dequantize_linear (was it saved with onnx_format: true?)")
-            tensor = var.get_tensor()
-            old = np.array(tensor)
-            if old.shape != q.shape:
-                raise ModelError(f"Paddle weight {name} has shape {old.shape}, the learned one {q.shape}")
-            tensor.set(q.astype(old.dtype), paddle.CPUPlace())
+    """Replace the int8 weights of an onnx_format Paddle program with the learned ones."""
+    return write_paddle_int8_params(model_file, weights=ints_by_paddle_name)[0]
+
+
+def _set_int8_weights(prog, scope, ints_by_paddle_name: dict[str, np.ndarray]) -> int:
+    # onnx_format programs store weights as int8 tensors read by dequantize_linear
+    dq_inputs = {op.input("X")[0] for op in prog.global_block().ops if op.type == "dequantize_linear"}
+    for name, q in ints_by_paddle_name.items():
+        var = scope.find_var(name)
+        if var is None or name not in dq_inputs:
+            raise ModelError(f"the Paddle int8 program has no int8 weight {name!r} read by "
+                             "dequantize_linear (was it saved with onnx_format: true?)")
+        tensor = var.get_tensor()
+        old = np.array(tensor)
+        if old.shape != q.shape:
+            raise ModelError(f"Paddle weight {name} has shape {old.shape}, the learned one {q.shape}")
+        tensor.set(q.astype(old.dtype), paddle.CPUPlace())
     return len(ints_by_paddle_name)
 
 
-def write_paddle_act_thresholds(model_file: Union[str, os.PathLike], thresholds_by_weight: dict[str, float]) -> int:
-    """Set the input threshold of the Paddle int8 program's convs, named by their weight;
-    returns how many Scale tensors were written (readers of one tensor share one)."""
+def _set_act_thresholds(prog, scope, thresholds_by_weight: dict[str, float]) -> int:
     if not thresholds_by_weight:
         return 0
-    with edited_inference_model(model_file) as (prog, scope):
-        scales = conv_input_scales(prog, list(thresholds_by_weight))
-        written = {}
-        for weight, threshold in thresholds_by_weight.items():
-            scale = scales[weight]
-            if scale in written and not math.isclose(written[scale], threshold, rel_tol=1e-6):
-                raise ModelError(f"internal error: two thresholds learned for one Paddle tensor ({scale})")
-            tensor = scope.find_var(scale).get_tensor()
-            old = np.array(tensor)
-            tensor.set(np.full(old.shape, threshold, dtype=old.dtype), paddle.CPUPlace())
-            written[scale] = threshold
+    scales = conv_input_scales(prog, list(thresholds_by_weight))
+    written = {}
+    for weight, threshold in thresholds_by_weight.items():
+        scale = scales[weight]
+        if scale in written and not math.isclose(written[scale], threshold, rel_tol=1e-6):
+            raise ModelError(f"internal error: two thresholds learned for one Paddle tensor ({scale})")
+        tensor = scope.find_var(scale).get_tensor()
+        old = np.array(tensor)
+        tensor.set(np.full(old.shape, threshold, dtype=old.dtype), paddle.CPUPlace())
+        written[scale] = threshold
     return len(written)

@@ -223,8 +223,9 @@ def rewrite(model: onnx.ModelProto, outcomes) -> onnx.ModelProto:
 
 
 # ---- the decision ---------------------------------------------------------------------------
-def _mean_db(snr: dict, convs) -> float:
-    return float(np.mean([snr[c] for c in convs]))
+def _mean_db(snr: dict, convs=None) -> float:
+    """Mean SNR of `convs` (default: every conv in `snr`)."""
+    return float(np.mean([snr[c] for c in (snr if convs is None else convs)]))
 
 
 def _pair_inputs(model, pairs, images, input_name) -> dict:
@@ -435,5 +436,5 @@ def _finish(model, result: EqualizationResult, reference_out, images, input_name
     for o in result.outcomes:
         log.info("  %s %s -> %s: %s", "equalized" if o.applied else "rejected ", o.pair.activation,
                  o.pair.first, f"spread {o.spread_before:.0f}x -> {o.spread_after:.1f}x, SNR "
-                 f"{_mean_db(o.snr_before_db, o.snr_before_db):.1f} -> {_mean_db(o.snr_after_db, o.snr_after_db):.1f} dB"
+                 f"{_mean_db(o.snr_before_db):.1f} -> {_mean_db(o.snr_after_db):.1f} dB"
                  if o.applied else o.reason)
