@@ -91,8 +91,9 @@ def test_tiny_model_end_to_end(tiny_setup):
     # the placement is recorded: the layout, what runs in int8, ops it did not know (none here)
     placement = summary["qdq_placement"]
     assert summary["deploy_backend"] == placement["backend"] == "onnxruntime"
-    assert placement["unknown_ops"] == [] and placement["quantized_nodes"]["Conv"] == 1
-    assert placement["float_by_rule"] == ["conv0", "head"]  # the image conv and the head conv
+    assert placement["unknown_ops"] == [] and placement["quantized_nodes"]["Conv"] == 2
+    # the image conv; the head conv, read by the decode's Sigmoid, runs in int8
+    assert placement["float_by_rule"] == ["conv0"]
     # the QDQ ONNX: int8 weights, every Q feeds DQs, runs and stays close to float
     qdq = onnx.load(str(out / QDQ_ONNX))
     types = {n.op_type for n in qdq.graph.node}

@@ -28,6 +28,7 @@ from typing import Iterable, Optional
 import onnx
 
 from .qdq import final_convs, reaches_output, tensor_readers
+from .qdq.graph import read_only_by_sigmoid
 
 # Ops that bound their output whatever the input: a prediction passing one is a score.
 SQUASHING_OPS = frozenset({"Sigmoid", "Softmax", "LogSoftmax", "Tanh", "HardSigmoid"})
@@ -75,8 +76,9 @@ def conv_producers(model: onnx.ModelProto, conv_names: Iterable[str]) -> set[str
 
 
 def activation_after(model: onnx.ModelProto, conv_name: str) -> Optional[str]:
-    """"SiLU" (Sigmoid + Mul on the conv output), "Relu", or None when the conv output has other
-    or several readers (then nothing is known about how its values are used)."""
+    """"SiLU" (Sigmoid + Mul on the conv output), "Relu", "Sigmoid" (read only by a Sigmoid,
+    through layout ops: a score prediction conv), or None when the conv output has other or
+    several readers (then nothing is known about how its values are used)."""
     graph = model.graph
     readers = tensor_readers(graph)
     conv = next(n for n in graph.node if n.name == conv_name)
@@ -84,6 +86,8 @@ def activation_after(model: onnx.ModelProto, conv_name: str) -> Optional[str]:
     users = readers.get(y, [])
     if len(users) == 1 and users[0].op_type == "Relu":
         return "Relu"
+    if read_only_by_sigmoid(y, readers, {o.name for o in graph.output}):
+        return "Sigmoid"
     if len(users) == 2:
         sig = [u for u in users if u.op_type == "Sigmoid"]
         mul = [u for u in users if u.op_type == "Mul"]

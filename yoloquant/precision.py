@@ -14,7 +14,8 @@ same model lose 25-33 dB; depthwise ones -2 to 32 dB.
 
 The measurement (``layer_snr``): each conv is run twice on the same float input, once float and
 once with its input and weights quantized as deployed (per-tensor input grid from the
-calibrated threshold, per-channel int8 weights). Per output channel, the error power relative
+calibrated threshold: [-T, T], or [max(min, -T), T] when the deploy_backend's QDQ ONNX puts conv
+inputs on asymmetric uint8 grids, ``qdq.rules``; per-channel int8 weights). Per output channel, the error power relative
 to the channel's variance; averaged over live channels (dead ones, with no variance, carry no
 information); in dB. Channels are averaged, not pooled, because after the folded BatchNorm of
 the next layer every channel matters by its own scale: one channel lost of 16 is a 12 dB
@@ -56,6 +57,7 @@ from onnx import helper, numpy_helper
 from .errors import ModelError
 from .head import activation_after, regression_convs
 from .qdq import QMAX, ConvQuantParams, _quantize_weight
+from .qdq.placement import input_grid
 from .stats import snr_db
 
 log = logging.getLogger("yoloquant")
@@ -78,9 +80,12 @@ class LayerSNR:
     bias_shift: Optional[np.ndarray] = field(default=None, compare=False, repr=False)
 
 
-def _probe_model(model: onnx.ModelProto, params: Sequence[ConvQuantParams]):
+def _probe_model(model: onnx.ModelProto, params: Sequence[ConvQuantParams],
+                 input_lows: Optional[dict] = None):
     """The float graph plus, for every conv in params, a copy reading Q/DQ(input) with
-    dequantized int8 weights. Returns (model, [(conv name, float output, quantized output)])."""
+    dequantized int8 weights. Returns (model, [(conv name, float output, quantized output)]).
+    ``input_lows``: {tensor: measured minimum}: conv inputs on the asymmetric grid the QDQ ONNX
+    deploys (``qdq.placement.input_grid``) instead of Paddle's symmetric one."""
     probe = copy.deepcopy(model)
     graph = probe.graph
     by_name = {n.name: n for n in graph.node}
@@ -101,13 +106,15 @@ def _probe_model(model: onnx.ModelProto, params: Sequence[ConvQuantParams]):
         if conv is None or conv.op_type != "Conv" or conv.input[1] not in inits:
             raise ModelError(f"layer_snr: {p.node_name!r} is not a Conv with a constant weight")
         x = conv.input[0]
-        scale = np.float32(p.input_threshold / QMAX)
-        key = (x, float(scale))
-        if key not in shared:  # one Q/DQ per (tensor, scale), as insert_qdq does
+        scale, zp = np.float32(p.input_threshold / QMAX), 128
+        if input_lows is not None:
+            scale, zp = input_grid(p.input_threshold, input_lows.get(x))
+        key = (x, float(scale), zp)
+        if key not in shared:  # one Q/DQ per (tensor, grid), as the placement writes them
             s, z = fresh(f"{x}_snr_scale"), fresh(f"{x}_snr_zp")
             q, dq = fresh(f"{x}_snr_q"), fresh(f"{x}_snr_dq")
             new_inits += [numpy_helper.from_array(np.array(scale), s),
-                          numpy_helper.from_array(np.array(128, np.uint8), z)]
+                          numpy_helper.from_array(np.array(zp, np.uint8), z)]
             new_nodes += [helper.make_node("QuantizeLinear", [x, s, z], [q]),
                           helper.make_node("DequantizeLinear", [q, s, z], [dq])]
             shared[key] = dq
@@ -150,19 +157,21 @@ def _session_without_rewrites(probe: onnx.ModelProto):
 
 
 def layer_snr(model: onnx.ModelProto, params: Sequence[ConvQuantParams], images: Sequence[np.ndarray],
-              input_name: str, correct_bias: bool = False) -> dict[str, LayerSNR]:
+              input_name: str, correct_bias: bool = False,
+              input_lows: Optional[dict] = None) -> dict[str, LayerSNR]:
     """8-bit SNR of each conv in ``params`` on ``images`` (CHW float arrays); see the module doc.
 
     ``correct_bias``: the SNR is that of the conv with its bias corrected, i.e. with each output
     channel's mean error removed (``LayerSNR.bias_shift`` is that correction, always returned).
     Why: rounding weights to nearest and clipping the input shift each channel's output by a
     roughly constant amount (the inputs after SiLU are mostly positive, so weight rounding
-    errors do not average out); a bias can absorb that part exactly."""
+    errors do not average out); a bias can absorb that part exactly.
+    ``input_lows``: simulate the asymmetric input grids of the uint8 QDQ ONNX (see _probe_model)."""
     if not params:
         return {}
     if not len(images):
         raise ModelError("layer_snr needs at least one image")
-    probe, pairs = _probe_model(model, params)
+    probe, pairs = _probe_model(model, params, input_lows)
     session = _session_without_rewrites(probe)
     names = [t for _, y, y_q in pairs for t in (y, y_q)]
     sums: dict[str, list] = {}
@@ -198,13 +207,15 @@ def choose_float_convs(model: onnx.ModelProto, params: Sequence[ConvQuantParams]
                        images: Sequence[np.ndarray], input_name: str,
                        min_snr_db: Optional[float] = MIN_LAYER_SNR_DB,
                        keep_regression: bool = True,
-                       correct_bias: bool = False) -> tuple[dict[str, str], dict[str, LayerSNR]]:
+                       correct_bias: bool = False,
+                       input_lows: Optional[dict] = None) -> tuple[dict[str, str], dict[str, LayerSNR]]:
     """({conv name: why it stays float}, {conv name: LayerSNR}) for the convs in ``params``.
 
     ``min_snr_db`` None: nothing stays float for its SNR (the SNR is still measured, and
     returned, when ``correct_bias`` needs the bias shifts); ``keep_regression`` False:
     regression prediction convs are treated like any other conv; ``correct_bias``: SNRs are
-    those after bias correction (see ``layer_snr``)."""
+    those after bias correction (see ``layer_snr``); ``input_lows``: judge on the QDQ ONNX's
+    asymmetric input grids (``layer_snr``)."""
     names = {p.node_name for p in params}
     reasons = {c: "regression prediction conv: its output is decoded without a squashing op "
                   "(box offsets/sizes scaled by the stride)"
@@ -212,7 +223,7 @@ def choose_float_convs(model: onnx.ModelProto, params: Sequence[ConvQuantParams]
     if min_snr_db is None and not correct_bias:
         return reasons, {}
     snr = layer_snr(model, [p for p in params if p.node_name not in reasons], images, input_name,
-                    correct_bias)
+                    correct_bias, input_lows)
     for name, s in snr.items():
         if min_snr_db is not None and s.snr_db < min_snr_db:
             reasons[name] = (f"8-bit SNR {s.snr_db:.1f} dB < {min_snr_db:g} dB (worst channel "
@@ -237,11 +248,26 @@ def silu_clip(low: float, high: float, levels: int = 255) -> float:
     return float(low)
 
 
+def sigmoid_clip(low: float, high: float, levels: int = 255) -> float:
+    """Lower end of an 8-bit grid for a conv output that only a Sigmoid reads (score logits).
+
+    Below -L the sigmoid is under e^-L, so clipping there costs at most that; the smallest L with
+    sigmoid(-L) <= step / 8 keeps it below the largest rounding error of the sigmoid (its slope
+    is at most 1/4: step / 2 * 1/4). On yolov5n's prediction convs (logits from -15..-22 up to
+    7..9) that is L ~ 5: a step of 0.05 instead of 0.12 for the full range."""
+    for L in np.arange(1.0, 40.0, 0.05):
+        if 1.0 / (1.0 + np.exp(L)) <= (high + L) / levels / 8:
+            return float(max(low, -L))
+    return float(low)
+
+
 def output_grid(model: onnx.ModelProto, conv_name: str, low: float, high: float) -> dict:
     """ConvQuantParams fields (``output_threshold`` or ``output_range``) for a conv whose raw
-    output spans [low, high] on the calibration images: asymmetric for SiLU / ReLU readers,
-    whose negative side hardly matters (ReLU: not at all), symmetric otherwise."""
+    output spans [low, high] on the calibration images: asymmetric for SiLU / ReLU / Sigmoid
+    readers, whose negative side hardly matters (ReLU: not at all), symmetric otherwise."""
     act = activation_after(model, conv_name)
+    if high > 0 and act == "Sigmoid":
+        return {"output_range": (min(sigmoid_clip(low, high), 0.0), float(high))}
     if high > 0 and act == "Relu":
         return {"output_range": (0.0, float(high))}
     if high > 0 and act == "SiLU":

@@ -312,6 +312,8 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
             converted.model_file, converted.params_file, conv_weights))
     user_skip = resolve_skip_list(cfg.skip_tensor_list, all_to_onnx)
     float_reasons, layer_snr = {}, {}
+    ranges = _ranges_for_judge(cfg, onnx_model, images, probe.input_name, timer)
+    input_lows = {t: lo for t, (lo, _) in ranges.items()} if ranges else None
 
     def decide(thresholds: dict, ops):
         """Called by the PTQ once thresholds are known: measure every conv's 8-bit SNR with
@@ -334,7 +336,8 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                 and op.inputs[0] in thresholds and op.weights[0] in thresholds]
             reasons, snr = choose_float_convs(onnx_model, candidates, images[:SNR_IMAGES],
                                               converted.onnx_input_name, cfg.min_layer_snr_db,
-                                              cfg.keep_regression_float, cfg.conv_bias_correction)
+                                              cfg.keep_regression_float, cfg.conv_bias_correction,
+                                              input_lows)
         float_reasons.update(reasons)
         layer_snr.update(snr)
         to_paddle = {v: k for k, v in all_to_onnx.items()}
@@ -370,7 +373,23 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                                     {v: k for k, v in to_onnx.items()}, timer)
     return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,
                        image_ids, str(calib.image_dir), timer, float_reasons, layer_snr, user_skip,
-                       equalization=equalized)
+                       tensor_ranges=ranges, equalization=equalized)
+
+
+def _ranges_for_judge(cfg: Config, onnx_model: onnx.ModelProto, images: list, input_name: str,
+                      timer: Timer) -> dict:
+    """The float tensors' (min, max) when the deployed QDQ ONNX puts conv inputs on asymmetric
+    grids (rules.asymmetric_inputs): the 8-bit SNR that decides float convs must simulate those
+    grids, which need each input's minimum. Else {} (measured later, by build_qdq, if needed)."""
+    from .qdq import rules_for, tensor_ranges
+
+    if cfg.deploy_backend == "conv_only":
+        return {}
+    rules = rules_for(cfg.deploy_backend)
+    if not rules.asymmetric_inputs or rules.symmetric:
+        return {}
+    with timer("glue_ranges"):
+        return tensor_ranges(onnx_model, images, input_name)
 
 
 def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, input_name: str,

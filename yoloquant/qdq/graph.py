@@ -109,3 +109,24 @@ def downstream_nodes(model: onnx.ModelProto, start_nodes: Iterable[str]) -> set[
                     seen.add(o)
                     stack.append(o)
     return found
+
+
+# ops that only move values: a tensor read through a chain of them is still the same values
+LAYOUT_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+
+
+def read_only_by_sigmoid(tensor: str, readers: dict, graph_outputs=frozenset()) -> bool:
+    """True when ``tensor`` reaches exactly one Sigmoid through single-reader layout ops and
+    nothing else reads it, a graph output included (a YOLOv5 prediction conv: Reshape ->
+    Transpose -> Sigmoid)."""
+    t = tensor
+    for _ in range(8):
+        users = readers.get(t, [])
+        if len(users) != 1 or t in graph_outputs:
+            return False
+        if users[0].op_type == "Sigmoid":
+            return True
+        if users[0].op_type not in LAYOUT_OPS:
+            return False
+        t = users[0].output[0]
+    return False

@@ -2,7 +2,8 @@
 grid, give every quantized tensor one grid, write one Q/DQ pair per tensor.
 
 Where grids come from, in order: the image input's exact grid (``input_grids``); a conv input's
-calibrated threshold (symmetric, as Paddle's int8 runtime uses it; the "anchor" of its group);
+calibrated threshold T (the "anchor" of its group): [-T, T] as Paddle's int8 runtime uses it,
+or, with ``rules.asymmetric_inputs``, [max(min, -T), T] from the group's measured minimum;
 a conv output's calibrated grid (``ConvQuantParams.output_range`` / ``output_threshold``); the
 fixed [0, 1] grid of a gate (Sigmoid, HardSigmoid); else the tensor's measured (min, max) on the
 calibration images (``ranges``), 0 included. A group of tensors that must share a grid (MaxPool
@@ -10,7 +11,8 @@ calibration images (``ranges``), 0 included. A group of tensors that must share 
 of its members' ranges; two groups with different anchors are not merged (the op then
 requantizes, or, for MaxPool / Resize, the runtime leaves it float).
 
-What stays float: the detection head (the final convs' outputs and everything after them), the
+What stays float: the detection head (the final convs' outputs and everything after them; with
+``rules.int8_head_outputs`` a prediction conv read only by a Sigmoid requantizes its output), the
 convs not given parameters, every tensor on the way into such a float conv (it is float
 because its input cannot take 8 bits), and nodes whose op type no handler knows (listed in the
 report: ``unknown_ops``).
@@ -25,7 +27,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import onnx
 
-from .graph import _find_convs, downstream_nodes, final_convs, tensor_readers
+from .graph import (_find_convs, downstream_nodes, final_convs, read_only_by_sigmoid,
+                    tensor_readers)
 from .legacy import check_model
 from .operators import HANDLERS, SHAPE_OPS
 from .operators import conv as conv_op
@@ -133,14 +136,19 @@ def place_qdq(model: onnx.ModelProto, params: Sequence[ConvQuantParams], ranges:
     # float for speed (image conv, head convs on ORT) do not: int8 flows up to them
     protected = _protected(graph, ctx, pmap)
     graph_inputs = {i.name for i in graph.input} | set(input_grids or {})
-    by_rule = {n for n in pmap if (not rules.int8_head_convs and n in head) or (
+    # prediction convs that run in int8 end to end: output requantized, read by a Sigmoid only
+    int8_heads = {n for n in head & set(pmap) if rules.int8_head_outputs
+                  and pmap[n].output_range is not None
+                  and read_only_by_sigmoid(convs[n].output[0], ctx.readers,
+                                           {o.name for o in graph.output})}
+    by_rule = {n for n in pmap if (not rules.int8_head_convs and n in head - int8_heads) or (
         not rules.int8_image_conv and convs[n].input[0] in graph_inputs)}
     for n in by_rule:
         del pmap[n]
     report.float_by_rule = sorted(by_rule)
     report.protected_tensors = len(protected)
 
-    plans = _plan_nodes(region, ctx, head, report, protected)
+    plans = _plan_nodes(region, ctx, head - int8_heads, report, protected)
     wanted, readers_wanting = _wanted(plans, ctx, {o.name for o in graph.output}, protected)
     grids = _grids(wanted, plans, pmap, ranges, input_grids or {}, rules, sym_zp, protected)
     # the scale each conv's int32 bias needs: that of its input's grid (read before rewiring)
@@ -248,6 +256,18 @@ def _protected(graph: onnx.GraphProto, ctx: _Context, pmap: dict) -> set:
     return found
 
 
+def input_grid(threshold: float, low: Optional[float]) -> tuple:
+    """(scale, zero point) of a conv input's asymmetric uint8 grid: [max(low, -T), T], T the
+    calibrated threshold and ``low`` the tensor's measured minimum; when that reaches -T (or is
+    unknown: None) the symmetric grid T/127, zero point 128, as without this rule."""
+    t = float(threshold)
+    if low is None or low <= -t:
+        return np.float32(t / QMAX), 128
+    lo = min(float(low), 0.0)
+    scale = np.float32((t - lo) / 255)
+    return scale, int(np.clip(np.round(-lo / scale), 0, 255))
+
+
 def _range_grid(lo: float, hi: float, symmetric: bool, sym_zp: int):
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     if symmetric:
@@ -304,6 +324,8 @@ def _grids(wanted, plans, pmap, ranges, input_grids, rules, sym_zp, protected) -
             # a Relu output read by a conv: [0, T] on all 256 codes, zero point 0 (ORT then drops
             # the Relu into the conv's requantization; T/127 with zero point 128 would keep it)
             grid = (np.float32(anchor[1] / 255), 0)
+        elif anchor is not None and rules.asymmetric_inputs and not rules.symmetric:
+            grid = input_grid(anchor[1], min((ranges[t][0] for t in ts if t in ranges), default=None))
         elif anchor is not None:
             grid = (np.float32(anchor[1] / QMAX), sym_zp)
         elif len(ts) == 1 and ts[0] in conv_outputs:
