@@ -96,7 +96,8 @@ OUR_FORMS = {  # label suffix: (deploy_backend, rule overrides, runtimes it is t
 def quantize_ours(cfg: Config, out_dir: Path) -> list[Artifact]:
     """One calibration (yoloquant.ptq.calibrate: Paddle PTQ, SNR choice of float convs), then
     the Paddle int8 program and our QDQ ONNX in every layout."""
-    from yoloquant.ptq import PADDLE_MODEL, PADDLE_PARAMS, calibrate, exact_input_grids
+    from yoloquant.deploy_onnx import exact_input_grids
+    from yoloquant.ptq import PADDLE_MODEL, PADDLE_PARAMS, calibrate
     from yoloquant.qdq import place_qdq, rules_for, tensor_ranges
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,7 @@ def skip_models(acfg, rows: list, work: Path, seed: int = 0) -> dict:
     import onnx
 
     from yoloquant.analysis import CALIBRATION, load_calibration
-    from yoloquant.ptq import build_qdq
+    from yoloquant.deploy_onnx import build_qdq
 
     cal = load_calibration(acfg, Path(acfg.save_dir) / CALIBRATION)
     order = [r["onnx_node"] for r in rows]

@@ -299,7 +299,7 @@ def test_yolov5n_target_model_meets_the_target(yolov5n_runs):
     from yoloquant.runtime import OnnxRuntimeBackend
 
     from yoloquant.analysis import load_calibration
-    from yoloquant.ptq import build_qdq
+    from yoloquant.deploy_onnx import build_qdq
 
     root, whole, _, _ = yolov5n_runs
     cfg = yolov5n_cfg(root / "whole")

@@ -76,7 +76,7 @@ def test_quantized_inputs_come_from_the_model_quantized_so_far(tiny, tmp_path):
     result lowers the whole model's output error against float."""
     import dataclasses
 
-    from yoloquant.ptq import build_qdq
+    from yoloquant.deploy_onnx import build_qdq
     from yoloquant.reconstruct import crop_positions, quantized_crops
 
     root, raw = tiny
@@ -191,8 +191,10 @@ def test_learned_activation_step_moves_a_too_coarse_grid_towards_the_data(tiny, 
 
 
 def test_learned_activation_thresholds_reach_both_artifacts(tiny):
-    """fine_tune with recon_act_scale learned: the QDQ ONNX quantizes each learned conv input on
-    threshold / 127 and the Paddle int8 program's Scale tensor of that input holds the threshold."""
+    """fine_tune with recon_act_scale learned: the QDQ ONNX's grid of each learned conv input tops
+    out at the learned threshold (the openvino layout's asymmetric grid [max(min, -T), T], whose top
+    code decodes to T within half a step as the zero point is an integer) and the Paddle int8
+    program's Scale tensor of that input holds the threshold."""
     from yoloquant.paddle_params import conv_input_scales, static_mode
 
     root, raw = tiny
@@ -209,8 +211,10 @@ def test_learned_activation_thresholds_reach_both_artifacts(tiny):
     nodes = {n.name: n for n in qdq.graph.node}
     dq_of = {n.output[0]: n for n in qdq.graph.node if n.op_type == "DequantizeLinear"}
     for conv, t in learned.items():
-        scale = inits[dq_of[nodes[conv].input[0]].input[1]]
-        np.testing.assert_allclose(scale, np.float32(t / 127), rtol=1e-6, err_msg=conv)
+        dq = dq_of[nodes[conv].input[0]]
+        scale, zero_point = float(inits[dq.input[1]]), int(inits[dq.input[2]])
+        assert 0 < zero_point <= 128, conv  # a signed input: zero point 128 when its minimum reaches -T
+        assert abs(scale * (255 - zero_point) - t) <= scale / 2 + 1e-6 * t, (conv, scale, zero_point, t)
     files = PaddleModelFiles.find(out)
     mapping = {v: k for k, v in rec["paddle_to_onnx"].items()}
     import paddle

@@ -18,8 +18,9 @@ import onnx
 from .config import Config
 from .errors import ConfigError
 from .fileio import staging_dir, write_json
-from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, build_qdq, calibrate,
-                  check_artifacts, run_summary)
+from .deploy_onnx import build_qdq
+from .ptq import (PADDLE_MODEL, QDQ_ONNX, SUMMARY, PostQuantResult, calibrate, check_artifacts,
+                  run_summary)
 from .recon_guard import judge, split_guard_images
 from .reconstruct import ReconSettings
 

@@ -3,8 +3,8 @@
 The deployable ONNX is not a paddle2onnx round trip (measured: it puts Q/DQ on the detection
 head and final concat and uses signed int8 activations that ONNX Runtime on x86 leaves in
 float). Instead the scales Paddle calibrated are written as Q/DQ pairs into the user's original
-ONNX graph, laid out for the config's deploy_backend (yoloquant/qdq: int8 flows between the
-convs); the decode subgraph stays float.
+ONNX graph, laid out for the config's deploy_backend (written by deploy_onnx.py with yoloquant/qdq:
+int8 flows between the convs); the decode subgraph stays float.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 
 from .config import Config, require, to_dict
+from .deploy_onnx import build_qdq, ranges_for_judge
 from .data import CocoDetection, ImageFolder, iterate_batches
 from .errors import ConfigError, DataError, ModelError
 from .fileio import staging_dir, write_json
@@ -312,7 +313,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
             converted.model_file, converted.params_file, conv_weights))
     user_skip = resolve_skip_list(cfg.skip_tensor_list, all_to_onnx)
     float_reasons, layer_snr = {}, {}
-    ranges = _ranges_for_judge(cfg, onnx_model, images, probe.input_name, timer)
+    ranges = ranges_for_judge(cfg, onnx_model, images, probe.input_name, timer)
     input_lows = {t: lo for t, (lo, _) in ranges.items()} if ranges else None
 
     def decide(thresholds: dict, ops):
@@ -376,22 +377,6 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                        tensor_ranges=ranges, equalization=equalized)
 
 
-def _ranges_for_judge(cfg: Config, onnx_model: onnx.ModelProto, images: list, input_name: str,
-                      timer: Timer) -> dict:
-    """The float tensors' (min, max) when the deployed QDQ ONNX puts conv inputs on asymmetric
-    grids (rules.asymmetric_inputs): the 8-bit SNR that decides float convs must simulate those
-    grids, which need each input's minimum. Else {} (measured later, by build_qdq, if needed)."""
-    from .qdq import rules_for, tensor_ranges
-
-    if cfg.deploy_backend == "conv_only":
-        return {}
-    rules = rules_for(cfg.deploy_backend)
-    if not rules.asymmetric_inputs or rules.symmetric:
-        return {}
-    with timer("glue_ranges"):
-        return tensor_ranges(onnx_model, images, input_name)
-
-
 def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, input_name: str,
                        paddle_model: Path, to_paddle: dict, timer: Timer) -> list:
     """GPTQ int8 weights for every conv in params, written into the saved Paddle int8 model and
@@ -406,73 +391,6 @@ def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, 
         write_paddle_weights(paddle_model, {to_paddle[name]: q for name, q in ints.items()})
     log.info("GPTQ rounded the weights of %d convs on %d images", len(ints), len(images))
     return [replace(p, quantized_weight=ints[p.node_name]) for p in params]
-
-
-def build_qdq(cal: Calibration, float_nodes=(), activation_type: str = "uint8",
-              backend: Optional[str] = None) -> onnx.ModelProto:
-    """The original ONNX graph with every calibrated Conv quantized except `float_nodes`, laid
-    out for `backend` (default: the config's deploy_backend; yoloquant/qdq/rules.py).
-
-    What leads into a float conv's input is not quantized (for ONNX Runtime that also keeps the
-    producing conv float): the float conv is float because that tensor cannot take 8 bits.
-    `activation_type` applies to the conv_only layout (the others fix it by runtime)."""
-    from .qdq import place_qdq, rules_for
-
-    backend = backend or cal.cfg.deploy_backend
-    keep = set(float_nodes)
-    params = [p for p in cal.conv_params if p.node_name not in keep]
-    if backend == "conv_only":
-        cal.placement = {"backend": backend}
-        return _conv_only_qdq(cal, params, activation_type)
-    rules = rules_for(backend)
-    cal.measure_tensor_ranges()
-    grids = exact_input_grids(cal) if rules.exact_input else {}
-    model, report = place_qdq(cal.onnx_model, params, cal.tensor_ranges, rules=rules, input_grids=grids)
-    cal.placement = dict(report.as_dict(), exact_input_tensors=sorted(grids))
-    return model
-
-
-def _conv_only_qdq(cal: Calibration, params: list, activation_type: str) -> onnx.ModelProto:
-    from dataclasses import replace
-
-    from .head import conv_producers
-    from .qdq import insert_qdq
-
-    quantized = {p.node_name for p in params}
-    float_convs = [n.name for n in cal.onnx_model.graph.node
-                   if n.op_type == "Conv" and n.name not in quantized]
-    feeding_float = conv_producers(cal.onnx_model, float_convs)
-    params = [replace(p, output_threshold=None, output_range=None) if p.node_name in feeding_float
-              else p for p in params]
-    return insert_qdq(cal.onnx_model, params, activation_type=activation_type)
-
-
-# ops that move or select pixels without changing them (YOLOX's Focus: Slice + Concat)
-_VALUE_PRESERVING = frozenset({"Slice", "Concat", "Reshape", "Transpose", "Split", "Identity",
-                               "SpaceToDepth", "DepthToSpace"})
-
-
-def exact_input_grids(cal: Calibration) -> dict:
-    """{tensor: (scale, 0)} for the image input and the tensors made from it by value-preserving
-    ops: after preprocessing every value is k * pixel_scale for an integer 0 <= k <= 255 (the
-    letterbox pads with an integer too), so a uint8 grid of that scale holds them exactly and the
-    first conv loses nothing to its input's quantization."""
-    cfg = cal.cfg
-    scale = cfg.pixel_scale if cfg.pixel_scale is not None else (1.0 if cfg.arch == "YOLOX" else 1 / 255)
-    if not float(cfg.pad_value).is_integer() or not 0 <= cfg.pad_value <= 255:
-        return {}
-    graph = cal.onnx_model.graph
-    consts = {i.name for i in graph.initializer}
-    exact, changed = {cal.input_name}, True
-    while changed:
-        changed = False
-        for n in graph.node:
-            data = [i for i in n.input if i and i not in consts]
-            if n.op_type in _VALUE_PRESERVING and data and all(i in exact for i in data) \
-                    and not set(n.output) <= exact:
-                exact.update(o for o in n.output if o)
-                changed = True
-    return {t: (np.float32(scale), 0) for t in exact}
 
 
 def run_summary(cal: Calibration, activation_type: str, started: str, command: str,

@@ -44,7 +44,7 @@ VARIANTS = {  # name: (backend, rule overrides)
 
 
 def build(cal, form):
-    from yoloquant.ptq import build_qdq, exact_input_grids
+    from yoloquant.deploy_onnx import build_qdq, exact_input_grids
     from yoloquant.qdq import place_qdq, rules_for, tensor_ranges
 
     skipped = set()

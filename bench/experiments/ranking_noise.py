@@ -36,7 +36,7 @@ def analysis_calibration(cfg):
 
 
 def measure(cfg, work: Path) -> dict:
-    from yoloquant.ptq import build_qdq
+    from yoloquant.deploy_onnx import build_qdq
 
     out = work / "noise.npz"
     if out.is_file():
@@ -98,7 +98,7 @@ def top_k(cfg, a: dict, work: Path, names=("pooled both (current)", "z sum logme
 
     from bench.hard_case import recovery, score
     from yoloquant.evaluate import heldout_config
-    from yoloquant.ptq import build_qdq
+    from yoloquant.deploy_onnx import build_qdq
     from yoloquant.stats import resample_weights
 
     cal = analysis_calibration(cfg)

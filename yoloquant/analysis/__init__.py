@@ -4,7 +4,7 @@ meets a target mAP.
 PaddleSlim's analysis re-runs the whole PTQ and a Paddle evaluation for every layer (about a
 minute per layer for yolov5n on 2 cores) and fails with onnx_format. Here Paddle calibrates
 once (`ptq.calibrate`); every variant is the original ONNX graph with Q/DQ on a chosen subset
-of convs (`ptq.build_qdq`), run by ONNX Runtime on evaluation images decoded once and kept in
+of convs (`deploy_onnx.build_qdq`), run by ONNX Runtime on evaluation images decoded once and kept in
 memory. A variant then costs a few seconds.
 
 Each analysed conv is measured in both directions:

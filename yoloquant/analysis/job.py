@@ -76,7 +76,8 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
     (a checkpointed stop, as after a kill; `resume=True` continues).
     cluster: a distributed.Cluster measuring the convs as Ray tasks (same results).
     """
-    from ..ptq import build_qdq, calibrate
+    from ..deploy_onnx import build_qdq
+    from ..ptq import calibrate
 
     require(cfg, "model_dir", "save_dir")
     if cfg.get_target_quant_model and cfg.target_metric is None and cfg.target_drop is None:
@@ -160,7 +161,7 @@ def run_analysis(cfg: Config, resume: bool = False, stop_after: Optional[int] = 
 
 def _measure_here(runner, cal, todo, with_map: bool, both: bool):
     """(conv node, its checkpoint entry) for each node of `todo`, measured in this process."""
-    from ..ptq import build_qdq
+    from ..deploy_onnx import build_qdq
 
     all_nodes = [p.node_name for p in cal.conv_params]
     with ThreadPoolExecutor(PARALLEL_VARIANTS, thread_name_prefix="yoloquant-variant") as pool:

@@ -93,7 +93,8 @@ def find_target_model(cfg: Config, cal, runner: Runner, rows: list[dict], refere
                       timer: Timer) -> dict:
     """Smallest prefix of the ranking kept float that meets target_metric, saved like
     post_quant.py (Paddle int8 model + QDQ ONNX + summary.json) with its skip list."""
-    from ..ptq import QDQ_ONNX, SUMMARY, build_qdq, quantize
+    from ..deploy_onnx import build_qdq
+    from ..ptq import QDQ_ONNX, SUMMARY, quantize
 
     start = time.perf_counter()
     target = target_of(cfg, reference["float_map"])

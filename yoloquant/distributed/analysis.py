@@ -25,7 +25,7 @@ def measure_layer(node: str, cal, images, reference, heads: list, with_map: bool
     """One conv's checkpoint entry (analysis.job._directions), measured in this worker."""
     from ..analysis.job import _directions
     from ..analysis.measure import RANK_LAYOUT, Runner
-    from ..ptq import build_qdq
+    from ..deploy_onnx import build_qdq
 
     start = time.perf_counter()
     runner = Runner(images, heads, threads, reference)
