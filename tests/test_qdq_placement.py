@@ -294,3 +294,17 @@ def test_signed_activation_check_compares_with_onnx_runtime(setup, tmp_path):
     with pytest.raises(RuntimeDefectError, match=r"computes s.onnx wrongly on this CPU.*dB"):
         check_signed_activations(Fake(tmp_path / "s.onnx", True), tmp_path / "s.onnx")
     check_signed_activations(Fake(tmp_path / "u.onnx", True), tmp_path / "u.onnx")  # not checked
+
+
+def test_median_channel_snr_sees_garbage_scores_behind_large_boxes():
+    """OpenVINO's signed-int8 defect on yolov5n: box channels right, score channels garbage. The
+    whole tensor's SNR hides it (the boxes are 1000x larger), the median channel's does not."""
+    from yoloquant.runtime import median_channel_snr_db
+
+    rng = np.random.default_rng(0)
+    ref = np.concatenate([rng.uniform(0, 640, (1, 500, 4)), rng.uniform(0, 1, (1, 500, 81))], axis=2)
+    got = ref.copy()
+    got[..., 4:] = rng.uniform(0, 1, (1, 500, 81))
+    assert snr_db(ref, got) > 40 and median_channel_snr_db(ref, got) < 5
+    noisy = ref * (1 + rng.normal(0, 0.01, ref.shape))  # a correct int8 run: ~1% error everywhere
+    assert 35 < median_channel_snr_db(ref, noisy) < 45

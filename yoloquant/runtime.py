@@ -297,6 +297,21 @@ def signed_int8_activations(model) -> bool:
     return False
 
 
+def median_channel_snr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """SNR of `got` against `ref`, per channel of the output's shortest non-batch axis (a
+    detector's 85 box/score features), median over channels. The SNR of the whole tensor is
+    ruled by the box coordinates (hundreds of pixels): yolov5n's tensorrt layout on OpenVINO on
+    an EPYC 25/17 scored 20 dB on it with every score channel garbage (median -0.8 dB; a correct
+    uint8 model 23-25 dB)."""
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    if ref.ndim < 2:
+        ref, got = ref.reshape(1, -1), got.reshape(1, -1)
+    axis = 1 + int(np.argmin(ref.shape[1:]))
+    snrs = [snr_db(float(np.mean((r - g) ** 2)) / max(float(np.mean(r ** 2)), 1e-300))
+            for r, g in zip(np.moveaxis(ref, axis, 0), np.moveaxis(got, axis, 0))]
+    return float(np.median(snrs))
+
+
 def check_signed_activations(backend, path: Path, seed: int = 0) -> None:
     """Refuse (RuntimeDefectError) a signed-int8-activation model that OpenVINO computes wrongly
     here: its output on one fixed random input against ONNX Runtime's, which runs QDQ exactly."""
@@ -308,12 +323,12 @@ def check_signed_activations(backend, path: Path, seed: int = 0) -> None:
     x = np.random.default_rng(seed).random(backend.input_shape, dtype=np.float32)
     ref = OnnxRuntimeBackend(path, threads=1)(x)
     got = backend(x)
-    ref = ref.astype(np.float64)
-    snr = snr_db(float(np.mean((ref - got) ** 2)) / max(float(np.mean(ref ** 2)), 1e-300))
+    snr = median_channel_snr_db(ref, got)
     if snr < SIGNED_CHECK_MIN_SNR_DB:
         raise RuntimeDefectError(
             f"OpenVINO computes {path.name} wrongly on this CPU: the model has signed int8 "
             f"activations and its output on a test input is {snr:.1f} dB from ONNX Runtime's "
+            "(median over output channels) "
             f"(>= {SIGNED_CHECK_MIN_SNR_DB:.0f} dB expected; an OpenVINO 2026.4.1 defect seen on "
             "AMD EPYC CPUs). For OpenVINO use a model saved with deploy_backend: openvino (uint8 "
             "activations); a tensorrt-layout model is for TensorRT")
