@@ -116,3 +116,57 @@ def test_prediction_conv_read_by_a_sigmoid_runs_in_int8():
     assert ort_int8_report(q)["conv_int8"] == 1 and ort_int8_report(kept)["conv_int8"] == 0
     # the scores after the sigmoid stay close to float (measured 36.6 dB here)
     assert _output_snr(model, q, imgs) > 30.0
+
+
+def se_model(seed=0):
+    """X -> convA -> SiLU -> convB -> b;  squeeze-excite: b -> GlobalAveragePool -> convS ->
+    Sigmoid -> s;  b * s -> convC -> SiLU -> convD -> Y (YOLOv6-Lite's depthwise conv -> SE)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def conv(name, cin, cout, k, x, y):
+        w = (rng.standard_normal((cout, cin, k, k)) * (1.5 / np.sqrt(cin * k * k))).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}_W"),
+                      numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"{name}_B")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}_W", f"{name}_B"], [y], name=name, pads=[k // 2] * 4))
+
+    def silu(name, x, y):
+        nodes.extend([helper.make_node("Sigmoid", [x], [f"{name}_sig"], name=f"{name}_Sigmoid"),
+                      helper.make_node("Mul", [x, f"{name}_sig"], [y], name=f"{name}_Mul")])
+
+    conv("convA", 3, 8, 3, "X", "a_raw")
+    silu("actA", "a_raw", "a")
+    conv("convB", 8, 8, 3, "a", "b")
+    nodes.append(helper.make_node("GlobalAveragePool", ["b"], ["pooled"], name="squeeze"))
+    conv("convS", 8, 8, 1, "pooled", "s_raw")
+    nodes.append(helper.make_node("Sigmoid", ["s_raw"], ["s"], name="gate"))
+    nodes.append(helper.make_node("Mul", ["b", "s"], ["m"], name="excite"))
+    conv("convC", 8, 8, 1, "m", "c_raw")
+    silu("actC", "c_raw", "c")
+    conv("convD", 8, 4, 1, "c", "Y")
+    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4, 32, 32])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model
+
+
+def test_se_squeeze_reading_the_rounded_tensor_lets_ort_fuse_its_producer():
+    """convS (the SE conv) kept float: by default its whole input path stays float, back through
+    the pool to convB's output, which the excite Mul reads in int8 too, so ORT runs convB float.
+    With pool_reads_rounded the pool averages the dequantized tensor and convB is a QLinearConv;
+    the output stays within 20 dB of float (measured: 35.3 dB either way)."""
+    model = se_model()
+    imgs = images()
+    params, ranges = calibrated(model, imgs)
+    params = [p for p in params if p.node_name != "convS"]
+    x = imgs[0][None]
+    ref = run(model, x)
+    out = {}
+    for flag in (False, True):
+        q, _ = place_qdq(model, params, ranges, rules=rules_for("onnxruntime", pool_reads_rounded=flag))
+        report = ort_int8_report(q)
+        out[flag] = (report["conv_int8"], "convB" in report["float_conv_names"], snr_db(ref, run(q, x)))
+    assert out[False][:2] == (1, True) and out[True][:2] == (2, False), out
+    assert out[True][2] > 20 and out[False][2] > 20, out

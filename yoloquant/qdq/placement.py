@@ -14,7 +14,8 @@ requantizes, or, for MaxPool / Resize, the runtime leaves it float).
 What stays float: the detection head (the final convs' outputs and everything after them; with
 ``rules.int8_head_outputs`` a prediction conv read only by a Sigmoid requantizes its output), the
 convs not given parameters, every tensor on the way into such a float conv (it is float
-because its input cannot take 8 bits), and nodes whose op type no handler knows (listed in the
+because its input cannot take 8 bits; with ``rules.pool_reads_rounded`` the way stops at a
+GlobalAveragePool, whose mean of the rounded tensor the conv reads), and nodes whose op type no handler knows (listed in the
 report: ``unknown_ops``).
 """
 from __future__ import annotations
@@ -239,7 +240,8 @@ def _write_pairs(w: QdqWriter, wanted, grids, readers_wanting, ctx: _Context, pr
 
 def _protected(graph: onnx.GraphProto, ctx: _Context, pmap: dict) -> set:
     """Tensors on the way into a float conv's input through non-Conv ops (they stay float: the
-    conv is float because that tensor cannot take 8 bits)."""
+    conv is float because that tensor cannot take 8 bits), not past a GlobalAveragePool when
+    ``rules.pool_reads_rounded``."""
     found = set()
     for node in graph.node:
         if node.op_type != "Conv" or node.name in pmap:
@@ -251,8 +253,10 @@ def _protected(graph: onnx.GraphProto, ctx: _Context, pmap: dict) -> set:
                 continue
             found.add(t)
             p = ctx.producer.get(t)
-            if p is not None and p.op_type not in ("Conv", "ConvTranspose"):
-                stack.extend(i for i in p.input if i)
+            if p is None or p.op_type in ("Conv", "ConvTranspose") or (
+                    p.op_type == "GlobalAveragePool" and ctx.rules.pool_reads_rounded):
+                continue
+            stack.extend(i for i in p.input if i)
     return found
 
 
