@@ -15,8 +15,8 @@ What stays float: the detection head (the final convs' outputs and everything af
 ``rules.int8_head_outputs`` a prediction conv read only by a Sigmoid requantizes its output), the
 convs not given parameters, every tensor on the way into such a float conv (it is float
 because its input cannot take 8 bits; with ``rules.pool_reads_rounded`` the way stops at a
-GlobalAveragePool, whose mean of the rounded tensor the conv reads), and nodes whose op type no handler knows (listed in the
-report: ``unknown_ops``).
+GlobalAveragePool, whose mean of the rounded tensor the conv reads), and nodes whose op type
+no handler knows (listed in the report: ``unknown_ops``).
 """
 from __future__ import annotations
 
