@@ -12,7 +12,7 @@ from yoloquant.qdq import ConvQuantParams, ort_int8_report, place_qdq, rules_for
 from yoloquant.qdq.graph import read_only_by_sigmoid, tensor_readers
 from yoloquant.qdq.placement import input_grid
 
-from test_qdq_placement import calibrated, glue_model, images, q_grid, run, snr_db
+from test_qdq_placement import GraphBuilder, calibrated, glue_model, images, q_grid, run, snr_db
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -121,35 +121,18 @@ def test_prediction_conv_read_by_a_sigmoid_runs_in_int8():
 def se_model(seed=0):
     """X -> convA -> SiLU -> convB -> b;  squeeze-excite: b -> GlobalAveragePool -> convS ->
     Sigmoid -> s;  b * s -> convC -> SiLU -> convD -> Y (YOLOv6-Lite's depthwise conv -> SE)."""
-    rng = np.random.default_rng(seed)
-    inits, nodes = [], []
-
-    def conv(name, cin, cout, k, x, y):
-        w = (rng.standard_normal((cout, cin, k, k)) * (1.5 / np.sqrt(cin * k * k))).astype(np.float32)
-        inits.extend([numpy_helper.from_array(w, f"{name}_W"),
-                      numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"{name}_B")])
-        nodes.append(helper.make_node("Conv", [x, f"{name}_W", f"{name}_B"], [y], name=name, pads=[k // 2] * 4))
-
-    def silu(name, x, y):
-        nodes.extend([helper.make_node("Sigmoid", [x], [f"{name}_sig"], name=f"{name}_Sigmoid"),
-                      helper.make_node("Mul", [x, f"{name}_sig"], [y], name=f"{name}_Mul")])
-
-    conv("convA", 3, 8, 3, "X", "a_raw")
-    silu("actA", "a_raw", "a")
-    conv("convB", 8, 8, 3, "a", "b")
-    nodes.append(helper.make_node("GlobalAveragePool", ["b"], ["pooled"], name="squeeze"))
-    conv("convS", 8, 8, 1, "pooled", "s_raw")
-    nodes.append(helper.make_node("Sigmoid", ["s_raw"], ["s"], name="gate"))
-    nodes.append(helper.make_node("Mul", ["b", "s"], ["m"], name="excite"))
-    conv("convC", 8, 8, 1, "m", "c_raw")
-    silu("actC", "c_raw", "c")
-    conv("convD", 8, 4, 1, "c", "Y")
-    graph = helper.make_graph(nodes, "se", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 32, 32])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4, 32, 32])],
-                              initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    return model
+    g = GraphBuilder(seed)
+    g.conv("convA", 3, 8, 3, "X", "a_raw")
+    g.silu("actA", "a_raw", "a")
+    g.conv("convB", 8, 8, 3, "a", "b")
+    g.node("GlobalAveragePool", ["b"], ["pooled"], "squeeze")
+    g.conv("convS", 8, 8, 1, "pooled", "s_raw")
+    g.node("Sigmoid", ["s_raw"], ["s"], "gate")
+    g.node("Mul", ["b", "s"], ["m"], "excite")
+    g.conv("convC", 8, 8, 1, "m", "c_raw")
+    g.silu("actC", "c_raw", "c")
+    g.conv("convD", 8, 4, 1, "c", "Y")
+    return g.model("se", [1, 3, 32, 32], [1, 4, 32, 32])
 
 
 def test_se_squeeze_reading_the_rounded_tensor_lets_ort_fuse_its_producer():

@@ -18,50 +18,60 @@ ort = pytest.importorskip("onnxruntime")
 MIN_SNR_DB = 20.0
 
 
+class GraphBuilder:
+    """Convs (random weights), SiLUs and other nodes appended in order; ``model`` closes the graph."""
+
+    def __init__(self, seed=0):
+        self.rng, self.inits, self.nodes = np.random.default_rng(seed), [], []
+
+    def conv(self, name, cin, cout, k, x, y, stride=1):
+        w = (self.rng.standard_normal((cout, cin, k, k)) * (1.5 / np.sqrt(cin * k * k))).astype(np.float32)
+        self.inits.extend([numpy_helper.from_array(w, f"{name}_W"), numpy_helper.from_array(
+            (self.rng.standard_normal(cout) * 0.1).astype(np.float32), f"{name}_B")])
+        self.node("Conv", [x, f"{name}_W", f"{name}_B"], [y], name, pads=[k // 2] * 4, strides=[stride, stride])
+
+    def silu(self, name, x, y):
+        self.node("Sigmoid", [x], [f"{name}_sig"], f"{name}_Sigmoid")
+        self.node("Mul", [x, f"{name}_sig"], [y], f"{name}_Mul")
+
+    def node(self, op, inputs, outputs, name, **attrs):
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+
+    def model(self, name, in_shape, out_shape):
+        graph = helper.make_graph(self.nodes, name, [helper.make_tensor_value_info("X", TensorProto.FLOAT, in_shape)],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, out_shape)],
+                                  initializer=self.inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        return model
+
+
 def glue_model(seed=0, extra_op=None):
     """X -> convA -> SiLU -> a;  a -> convB (stride 2) -> SiLU -> b;  b, MaxPool(b) -> Concat ->
     convC -> SiLU -> c;  Resize(c) x2 -> up;  Concat(up, a) -> convD -> SiLU -> d;
     Add(d, a) -> r (-> ``extra_op`` if given) -> convE (head, 1x1) -> Y."""
-    rng = np.random.default_rng(seed)
-    inits, nodes = [], []
-
-    def conv(name, cin, cout, k, x, y, stride=1):
-        w = (rng.standard_normal((cout, cin, k, k)) * (1.5 / np.sqrt(cin * k * k))).astype(np.float32)
-        inits.extend([numpy_helper.from_array(w, f"{name}_W"),
-                      numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"{name}_B")])
-        nodes.append(helper.make_node("Conv", [x, f"{name}_W", f"{name}_B"], [y], name=name,
-                                      pads=[k // 2] * 4, strides=[stride, stride]))
-
-    def silu(name, x, y):
-        nodes.extend([helper.make_node("Sigmoid", [x], [f"{name}_sig"], name=f"{name}_Sigmoid"),
-                      helper.make_node("Mul", [x, f"{name}_sig"], [y], name=f"{name}_Mul")])
-
-    conv("convA", 3, 16, 3, "X", "a_raw")
-    silu("actA", "a_raw", "a")
-    conv("convB", 16, 16, 3, "a", "b_raw", stride=2)
-    silu("actB", "b_raw", "b")
-    nodes.append(helper.make_node("MaxPool", ["b"], ["mp"], name="pool", kernel_shape=[5, 5], pads=[2] * 4))
-    nodes.append(helper.make_node("Concat", ["b", "mp"], ["cat1"], name="cat1", axis=1))
-    conv("convC", 32, 16, 1, "cat1", "c_raw")
-    silu("actC", "c_raw", "c")
-    inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up_scales"))
-    nodes.append(helper.make_node("Resize", ["c", "", "up_scales"], ["up"], name="up", mode="nearest"))
-    nodes.append(helper.make_node("Concat", ["up", "a"], ["cat2"], name="cat2", axis=1))
-    conv("convD", 32, 16, 3, "cat2", "d_raw")
-    silu("actD", "d_raw", "d")
-    nodes.append(helper.make_node("Add", ["d", "a"], ["r"], name="residual"))
+    g = GraphBuilder(seed)
+    g.conv("convA", 3, 16, 3, "X", "a_raw")
+    g.silu("actA", "a_raw", "a")
+    g.conv("convB", 16, 16, 3, "a", "b_raw", stride=2)
+    g.silu("actB", "b_raw", "b")
+    g.node("MaxPool", ["b"], ["mp"], "pool", kernel_shape=[5, 5], pads=[2] * 4)
+    g.node("Concat", ["b", "mp"], ["cat1"], "cat1", axis=1)
+    g.conv("convC", 32, 16, 1, "cat1", "c_raw")
+    g.silu("actC", "c_raw", "c")
+    g.inits.append(numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "up_scales"))
+    g.node("Resize", ["c", "", "up_scales"], ["up"], "up", mode="nearest")
+    g.node("Concat", ["up", "a"], ["cat2"], "cat2", axis=1)
+    g.conv("convD", 32, 16, 3, "cat2", "d_raw")
+    g.silu("actD", "d_raw", "d")
+    g.node("Add", ["d", "a"], ["r"], "residual")
     last = "r"
     if extra_op:
-        nodes.append(helper.make_node(extra_op, ["r"], ["r2"], name="odd"))
+        g.node(extra_op, ["r"], ["r2"], "odd")
         last = "r2"
-    conv("convE", 16, 6, 1, last, "Y")
-    graph = helper.make_graph(nodes, "glue", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 3, 32, 32])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 6, 32, 32])],
-                              initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    g.conv("convE", 16, 6, 1, last, "Y")
+    return g.model("glue", [1, 3, 32, 32], [1, 6, 32, 32])
 
 
 def images(n=6, seed=1):
