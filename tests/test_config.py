@@ -138,3 +138,12 @@ def test_gptq_and_bias_correction_are_exclusive():
         config_from_dict({"weight_rounding": "gptq", "conv_bias_correction": True})
     with pytest.raises(ConfigError, match="choose one of nearest, gptq"):
         config_from_dict({"weight_rounding": "adaround"})
+
+
+def test_max_float_conv_fraction_must_be_a_fraction():
+    from yoloquant.config import config_from_dict
+
+    assert config_from_dict({}).max_float_conv_fraction is None
+    assert config_from_dict({"max_float_conv_fraction": 0.1}).max_float_conv_fraction == 0.1
+    with pytest.raises(ConfigError, match="max_float_conv_fraction must be in \\[0, 1\\]"):
+        config_from_dict({"max_float_conv_fraction": 10})

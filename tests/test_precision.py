@@ -6,7 +6,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from yoloquant.head import activation_after, conv_producers, regression_convs
-from yoloquant.precision import choose_float_convs, layer_snr, output_grid, silu_clip
+from yoloquant.precision import (LayerSNR, apply_float_budget, choose_float_convs, layer_snr,
+                                 output_grid, silu_clip)
 from yoloquant.qdq import QMAX, ConvQuantParams
 
 pytest.importorskip("onnxruntime")
@@ -72,6 +73,29 @@ def test_choose_float_convs_keeps_the_coarse_depthwise_conv_float():
                                                                 "w_dw"))
     snr = layer_snr(model, params[:1], imgs, "X")
     assert snr["dw"].live_channels == 1 and snr["dw"].snr_db > 35
+
+
+def test_choose_float_convs_then_a_budget_of_one_keeps_the_worse_of_two_low_snr_convs():
+    model, imgs = two_conv_model(), images()
+    t = max(float(np.abs(i).max()) for i in imgs)
+    params = [ConvQuantParams("dw", t, np.array([1.0, 1.0])), ConvQuantParams("pw", t, np.array([1.0]))]
+    # a threshold above both measured SNRs (dw < 10 dB, pw > 35 dB): both would stay float
+    reasons, snr = choose_float_convs(model, params, imgs, "X", min_snr_db=60)
+    assert set(reasons) == {"dw", "pw"}
+    kept, over = apply_float_budget(reasons, snr, max_float=1)
+    assert set(kept) == {"dw"} and set(over) == {"pw"}
+    assert "over the float budget of 1" in over["pw"] and reasons["pw"] in over["pw"]
+    assert apply_float_budget(reasons, snr, max_float=2) == (reasons, {})
+
+
+def test_float_budget_counts_structural_reasons_first():
+    snr = {n: LayerSNR(n, db, db - 3, 4) for n, db in (("a", 20.0), ("b", 5.0), ("c", 12.0))}
+    reasons = {"reg": "regression prediction conv", **{n: f"8-bit SNR {s.snr_db}" for n, s in snr.items()}}
+    kept, over = apply_float_budget(reasons, snr, max_float=2)
+    assert list(kept) == ["reg", "b"] and set(over) == {"c", "a"}
+    # no room left after the regression convs: every SNR conv runs int8, the regression one stays
+    kept, over = apply_float_budget(reasons, snr, max_float=0)
+    assert list(kept) == ["reg"] and set(over) == {"a", "b", "c"}
 
 
 def test_layer_snr_errors():

@@ -116,6 +116,12 @@ class Config:
     min_layer_snr_db: Optional[float] = _key(25.0, "convs whose 8-bit SNR, measured on the "
                                              "calibration images, is below this stay float "
                                              "(yoloquant/precision.py); null: no such check")
+    max_float_conv_fraction: Optional[float] = _key(None, "at most this fraction of all convs "
+                                                    "stays float (regression convs kept float "
+                                                    "count too): below min_layer_snr_db the "
+                                                    "lowest SNRs stay float first, the rest run "
+                                                    "int8 and summary.json lists them "
+                                                    "(kept_float.int8_over_budget); null: no limit")
     keep_regression_float: bool = _key(True, "keep the box-regression prediction convs (found "
                                        "from the graph structure, yoloquant/head.py) float")
     conv_bias_correction: bool = _key(False, "shift each int8 conv's bias by minus its mean "
@@ -321,6 +327,9 @@ def _validate(cfg: Config) -> Config:
     if cfg.input_size is not None:
         if len(cfg.input_size) != 2 or not all(isinstance(v, int) and v > 0 for v in cfg.input_size):
             raise ConfigError(f"config: input_size must be [height, width], got {cfg.input_size}")
+    if cfg.max_float_conv_fraction is not None and not 0.0 <= cfg.max_float_conv_fraction <= 1.0:
+        raise ConfigError("config: max_float_conv_fraction must be in [0, 1] (e.g. 0.1: at most "
+                          f"10% of the convs float), got {cfg.max_float_conv_fraction}")
     if cfg.equalization_images < 1:
         raise ConfigError("config: equalization_images must be at least 1")
     if cfg.PTQ.batch_nums < 1 or cfg.PTQ.batch_size < 1:

@@ -236,6 +236,24 @@ def choose_float_convs(model: onnx.ModelProto, params: Sequence[ConvQuantParams]
     return reasons, snr
 
 
+def apply_float_budget(reasons: dict[str, str], snr: dict[str, LayerSNR], max_float: int,
+                       ) -> tuple[dict[str, str], dict[str, str]]:
+    """Hold the float convs to ``max_float``: the ones kept float for a structural reason
+    (regression convs) first, then the lowest SNRs. Returns (float reasons kept, {conv: why it
+    runs int8 although its SNR is under the threshold}) for the convs over the budget."""
+    by_snr = sorted((n for n in reasons if n in snr), key=lambda n: snr[n].snr_db)
+    fixed = [n for n in reasons if n not in snr]
+    room = max(0, max_float - len(fixed))
+    kept = {n: reasons[n] for n in fixed + by_snr[:room]}
+    over = {n: f"{reasons[n]}; runs int8: over the float budget of {max_float} convs "
+               "(max_float_conv_fraction), lower SNRs took the float places"
+            for n in by_snr[room:]}
+    if over:
+        log.info("float budget (max_float_conv_fraction): %d convs float; %d more under the SNR "
+                 "threshold run int8 anyway, the highest SNRs of them", len(kept), len(over))
+    return kept, over
+
+
 def silu_clip(low: float, high: float, levels: int = 255) -> float:
     """Lower end of an 8-bit grid for a conv output that only a SiLU reads.
 

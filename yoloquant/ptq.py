@@ -260,6 +260,8 @@ class Calibration:
     layer_snr: dict = field(default_factory=dict)
     # the convs skip_tensor_list keeps float: Paddle weight name -> ONNX Conv node name
     user_skip: dict = field(default_factory=dict)
+    # convs under the SNR threshold that run int8 because of max_float_conv_fraction -> why
+    over_budget: dict = field(default_factory=dict)
     # (min, max) of the float graph's tensors on the calibration images (the grids of the glue
     # between convs; measured on first use by build_qdq) and what the last placement did
     tensor_ranges: dict = field(default_factory=dict)
@@ -278,7 +280,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
     from .convert import convert_onnx_to_paddle
     from .equalize.job import equalize_float_model
     from .onnx_normalize import conv_constants_to_initializers
-    from .precision import SNR_IMAGES, choose_float_convs, output_grid
+    from .precision import SNR_IMAGES, apply_float_budget, choose_float_convs, output_grid
     from .qdq import ConvQuantParams
 
     require(cfg, "model_dir")
@@ -312,7 +314,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
         all_to_onnx = map_convs_to_onnx(onnx_model, paddle_params(
             converted.model_file, converted.params_file, conv_weights))
     user_skip = resolve_skip_list(cfg.skip_tensor_list, all_to_onnx)
-    float_reasons, layer_snr = {}, {}
+    float_reasons, layer_snr, over_budget = {}, {}, {}
     ranges = ranges_for_judge(cfg, onnx_model, images, probe.input_name, timer)
     input_lows = {t: lo for t, (lo, _) in ranges.items()} if ranges else None
 
@@ -339,6 +341,11 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                                               converted.onnx_input_name, cfg.min_layer_snr_db,
                                               cfg.keep_regression_float, cfg.conv_bias_correction,
                                               input_lows)
+        if cfg.max_float_conv_fraction is not None:
+            total = sum(n.op_type == "Conv" for n in onnx_model.graph.node)
+            reasons, over = apply_float_budget(
+                reasons, snr, int(cfg.max_float_conv_fraction * total))
+            over_budget.update(over)
         float_reasons.update(reasons)
         layer_snr.update(snr)
         to_paddle = {v: k for k, v in all_to_onnx.items()}
@@ -374,7 +381,7 @@ def calibrate(cfg: Config, work_dir: str | Path, algo: Optional[str] = None,
                                     {v: k for k, v in to_onnx.items()}, timer)
     return Calibration(cfg, algo, converted, result, onnx_model, params, to_onnx, images,
                        image_ids, str(calib.image_dir), timer, float_reasons, layer_snr, user_skip,
-                       tensor_ranges=ranges, equalization=equalized)
+                       over_budget=over_budget, tensor_ranges=ranges, equalization=equalized)
 
 
 def round_weights_gptq(onnx_model: onnx.ModelProto, params: list, images: list, input_name: str,
@@ -424,6 +431,7 @@ def run_summary(cal: Calibration, activation_type: str, started: str, command: s
         "kept_float": {"onnx_nodes": len(kept),
                        "conv_nodes": sorted(n.name for n in kept if n.op_type == "Conv"),
                        "conv_reasons": dict(sorted(cal.float_reasons.items())),
+                       "int8_over_budget": dict(sorted(cal.over_budget.items())),
                        "why_equalization_did_not_save": float_conv_explanations(
                            cal, [n.name for n in kept if n.op_type == "Conv"]),
                        "op_types": sorted({n.op_type for n in kept})},

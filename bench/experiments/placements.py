@@ -41,6 +41,7 @@ VARIANTS = {  # name: (backend, rule overrides)
     "ort_no_concat": ("onnxruntime", {"ops": GLUE - {"concat"}}),
     "ort_no_pool_resize": ("onnxruntime", {"ops": GLUE - {"maxpool", "resize"}}),
     "ort_pool_protected": ("onnxruntime", {"pool_reads_rounded": False}),
+    "ort_hswish_qlinear": ("onnxruntime", {"hardswish_gate": "qlinear"}),
 }
 
 
