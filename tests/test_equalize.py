@@ -201,6 +201,19 @@ def test_a_class_that_lowers_the_int8_head_snr_is_not_applied(activation, kind, 
     assert result.model is model and "none applied" in result.message
 
 
+def test_a_class_within_the_guard_tolerance_is_kept(monkeypatch):
+    """A head-SNR drop under CLASS_GUARD_TOLERANCE_DB is measurement noise, not a verdict: on
+    YOLOv6-Lite-M 640 a 0.09 dB drop once threw away all 75 exact pairs."""
+    import yoloquant.equalize.algorithm as alg
+
+    model = pair_model("relu")
+    drop = alg.CLASS_GUARD_TOLERANCE_DB * 0.5
+    monkeypatch.setattr(alg, "_int8_head_snr", lambda m, *a, **k: 30.0 if m is model else 30.0 - drop)
+    result = equalize(model, images(), "X", "cle")
+    (o,) = result.outcomes
+    assert o.applied and not result.class_rejections and result.model is not model
+
+
 def test_post_quant_carries_the_equalized_weights_into_both_artifacts(tmp_path):
     from test_ptq import tiny_calibration_job  # pytest puts tests/ on sys.path
     from yoloquant.ptq import QDQ_ONNX, SUMMARY, quantize

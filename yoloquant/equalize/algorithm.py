@@ -58,6 +58,10 @@ APPROX_STRENGTHS = (1.0, 0.5)
 # (with every conv 8-bit: 15 dB, a yardstick that let a 24 dB HardSwish approximation through)
 APPROX_MIN_FLOAT_SNR_DB = 35.0
 MIN_GAIN_DB = 0.1  # an SNR gain below this is measurement noise, not worth the rewrite
+# a class of pairs is rejected when the all-8-bit head SNR falls by more than this: YOLOv6-Lite-M
+# 640's 75 exact pairs were dropped for 18.20 vs 18.29 dB (8 images), a difference within the
+# spread of that measurement between image draws
+CLASS_GUARD_TOLERANCE_DB = 0.5
 
 
 @dataclass
@@ -368,7 +372,7 @@ def _guard_classes(model, outcomes, reference_out, images, input_name,
     if any(o.applied and o.exact for o in outcomes):
         snr["exact_pairs"] = _int8_head_snr(applied_model(lambda o: o.exact), reference_out,
                                             images, input_name, per_channel)
-        if snr["exact_pairs"] < snr["original"]:
+        if snr["exact_pairs"] < snr["original"] - CLASS_GUARD_TOLERANCE_DB:
             reject("exact", f"8-bit head-output SNR {snr['exact_pairs']:.2f} dB with the exact pairs vs "
                    f"{snr['original']:.2f} dB without", lambda o: o.exact)
         else:
@@ -379,7 +383,7 @@ def _guard_classes(model, outcomes, reference_out, images, input_name,
         snr[key] = _int8_head_snr(with_kind, reference_out, images, input_name, per_channel)
         float_db = head_snr_db(reference_out, head_outputs(with_kind, images, input_name))
         members = lambda o, kind=kind: not o.exact and o.pair.activation == kind  # noqa: E731
-        if snr[key] < snr[base_key]:
+        if snr[key] < snr[base_key] - CLASS_GUARD_TOLERANCE_DB:
             reject(kind, f"8-bit head-output SNR {snr[key]:.2f} dB with the {kind} pairs vs "
                    f"{snr[base_key]:.2f} dB without", members)
         elif float_db < APPROX_MIN_FLOAT_SNR_DB:
