@@ -226,7 +226,8 @@ def stats(times: list[float], cpu_times: Optional[list[float]] = None) -> dict:
 # ---- one config ---------------------------------------------------------------------------
 def bench_config(config_path: str, args) -> dict:
     cfg = load_config(config_path)
-    cfg.deploy_backend = "onnxruntime"  # every layout is built below from one calibration
+    # every layout is built below from one calibration, judged (float fallback, equalization)
+    # for the config's deploy_backend: the layout post_quant.py would write is the faithful row
     if cfg.model_dir is None or not Path(cfg.model_dir).is_file():
         raise YoloQuantError(f"{config_path}: model {cfg.model_dir} not found")
     prepare_demo_data(cfg)

@@ -103,7 +103,6 @@ def main():
         if have("openvino") and "ov" in args.runtimes:
             cands.append(Candidate(None, f"{form}/ov", None))
             cands[-1].backend = OpenVinoBackend(p, args.threads)
-    import numpy as np
     image = cal.images[0][None]
     time_interleaved(cands, image, args.rounds, 5)
     base = min(stats(c.times, c.cpu_times)["median_ms"] for c in cands if c.runtime.startswith("fp32"))
