@@ -121,7 +121,9 @@ class Config:
                                                     "count too): below min_layer_snr_db the "
                                                     "lowest SNRs stay float first, the rest run "
                                                     "int8 and summary.json lists them "
-                                                    "(kept_float.int8_over_budget); null: no limit")
+                                                    "(kept_float.int8_over_budget); the convs "
+                                                    "skip_tensor_list names come on top; null: "
+                                                    "no limit")
     keep_regression_float: bool = _key(True, "keep the box-regression prediction convs (found "
                                        "from the graph structure, yoloquant/head.py) float")
     conv_bias_correction: bool = _key(False, "shift each int8 conv's bias by minus its mean "

@@ -13,10 +13,14 @@ Rewrites a layout saved with the 'qlinear' HardSwish form (bench/experiments/pla
   python bench/experiments/hardswish_lut.py IN.onnx OUT.onnx
 """
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from yoloquant.qdq.graph import tensor_readers  # noqa: E402
 
 GATE_ZERO_POINT = 128
 
@@ -28,10 +32,7 @@ def attribute(node, name, default):
 def rewrite(model: onnx.ModelProto) -> int:
     graph = model.graph
     producer = {o: n for n in graph.node for o in n.output}
-    readers = {}
-    for n in graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
+    readers = tensor_readers(graph)
     count = 0
     for node in graph.node:
         if node.op_type != "HardSigmoid":
